@@ -1,0 +1,4 @@
+"""Reward models: one interface, ``reward(images, prompts) -> scores``."""
+from .base import Reward
+
+__all__ = ["Reward"]

@@ -1,0 +1,296 @@
+"""The training loop: rollout -> rewards -> advantages -> pruning -> update, with callbacks,
+seeded determinism and exact checkpoint/resume.
+
+Determinism: every random draw of iteration ``i`` (rollout noise, DanceGRPO's timestep subset, the
+shuffle of the update) comes from a CPU generator seeded with ``(seed, i)``, and the prompts of
+iteration ``i`` from a permutation seeded with ``(seed, epoch)``. Nothing random is carried between
+iterations, so a checkpoint needs only the adapter, the optimizer, the iteration counter and the
+metrics history for a resumed run to continue exactly as an uninterrupted one (the sliding depth
+schedule and the Mix window are functions of the iteration).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .advantage import AdvantageConfig, compute_advantages
+from .loss import OptimConfig, policy_update
+from .models.base import VelocityModel
+from .pruning import PruningConfig, active_depths, select_edges
+from .schedule import BranchSchedule
+from .tree import Tree, rollout
+
+CHECKPOINT_FORMAT = "branchgrpo-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainerConfig:
+    schedule: BranchSchedule = field(default_factory=BranchSchedule)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    iterations: int = 100
+    """Training iterations (one rollout + one update each)."""
+    prompts_per_iteration: int = 1
+    """Trees per iteration (one per prompt)."""
+    seed: int = 0
+    max_batch: int = 16
+    """Most latents per model call in the rollout and in decoding (bounds memory)."""
+    reward_weights: tuple[float, ...] = ()
+    """One weight per reward (default 1 each)."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every N iterations (0: only at the end) when a checkpoint path is given."""
+
+    def validate(self, where: str = "TrainerConfig") -> None:
+        self.schedule.validate(f"{where}.schedule")
+        self.advantage.validate(f"{where}.advantage")
+        self.pruning.validate(self.schedule.num_steps, f"{where}.pruning")
+        self.optim.validate(f"{where}.optim")
+        for name, lo in (("iterations", 1), ("prompts_per_iteration", 1), ("max_batch", 1),
+                         ("checkpoint_every", 0)):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < lo:
+                raise ValueError(f"{where}: {name} must be an integer >= {lo} (got {val!r}).")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainerConfig":
+        data = dict(data)
+        subs = {"schedule": BranchSchedule, "advantage": AdvantageConfig, "pruning": PruningConfig,
+                "optim": OptimConfig}
+        kwargs = {}
+        for key, value in data.items():
+            if key in subs:
+                kwargs[key] = _dataclass_from_dict(subs[key], value, key)
+            elif key in {f.name for f in dataclasses.fields(cls)}:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+            else:
+                raise ValueError(f"unknown config field {key!r}")
+        return cls(**kwargs)
+
+
+def _dataclass_from_dict(cls, data: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+class Callback:
+    """Hooks of the training loop. Any method may raise to stop the run (e.g. a user cancel)."""
+
+    def on_model_call(self, phase: str, done: int, total: int) -> None:
+        """Before every model call; ``phase`` is ``"rollout"`` or ``"train"``."""
+
+    def on_rollout_end(self, iteration: int, tree: Tree, leaf_rewards: torch.Tensor,
+                       images: torch.Tensor | None) -> None:
+        """After the leaves are scored (``images`` are the decoded leaves, if kept)."""
+
+    def on_iteration_end(self, iteration: int, metrics: dict[str, float]) -> None:
+        """After the update of an iteration (``iteration`` counts completed iterations)."""
+
+
+class TrainingCancelled(RuntimeError):
+    pass
+
+
+def _seed_for(seed: int, iteration: int, salt: int = 0) -> int:
+    return (int(seed) * 1_000_003 + int(iteration) * 7919 + salt) % (2 ** 63 - 1)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the target folder, fsync, then rename over ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class BranchGRPOTrainer:
+    """Trains ``adapter`` (a module whose parameters act inside ``model``) with BranchGRPO.
+
+    ``model``: a :class:`~branchgrpo.models.base.VelocityModel`. ``decode(x0) -> images`` turns
+    predicted clean latents into IMAGE tensors; ``rewards`` score them. ``adapter`` must have
+    ``parameters()``, ``state_dict()`` and ``load_state_dict()``; if it has ``disabled()`` (a context
+    manager), that is the KL reference.
+    """
+
+    def __init__(self, model: VelocityModel, adapter: torch.nn.Module, prompts: Sequence[str],
+                 rewards: Sequence[Callable], decode: Callable[[torch.Tensor], torch.Tensor],
+                 config: TrainerConfig, latent_shape: Sequence[int], *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = (),
+                 keep_images: bool = False):
+        config.validate()
+        if not prompts:
+            raise ValueError("TrainerConfig: the prompt list is empty; give at least one prompt.")
+        if not rewards:
+            raise ValueError("TrainerConfig: no reward given; connect at least one reward model.")
+        if config.reward_weights and len(config.reward_weights) != len(rewards):
+            raise ValueError(f"TrainerConfig: reward_weights has {len(config.reward_weights)} entries for "
+                             f"{len(rewards)} rewards; give one weight per reward.")
+        self.model, self.adapter = model, adapter
+        self.prompts = list(prompts)
+        self.rewards = list(rewards)
+        self.decode = decode
+        self.config = config
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.callbacks = list(callbacks)
+        self.keep_images = keep_images
+        self.params = [p for p in adapter.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the adapter has no trainable parameters")
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.learning_rate, betas=tuple(o.betas),
+                                           eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+        self.last_tree: Tree | None = None
+        self.last_rewards: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _hook(self, phase: str, done: int, total: int) -> None:
+        for cb in self.callbacks:
+            cb.on_model_call(phase, done, total)
+
+    def prompts_for(self, iteration: int) -> list[int]:
+        """Prompt indices of ``iteration``: consecutive slices of seeded per-epoch permutations."""
+        n, per = len(self.prompts), self.config.prompts_per_iteration
+        out = []
+        for k in range(iteration * per, (iteration + 1) * per):
+            epoch, pos = divmod(k, n)
+            g = torch.Generator().manual_seed(_seed_for(self.config.seed, epoch, salt=17))
+            out.append(int(torch.randperm(n, generator=g)[pos]))
+        return out
+
+    def reference(self):
+        disabled = getattr(self.adapter, "disabled", None)
+        return disabled() if disabled is not None else nullcontext()
+
+    @torch.no_grad()
+    def score(self, x0: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode and score leaves; returns rewards ``[R, L]`` and (optionally) the images."""
+        scores = [[] for _ in self.rewards]
+        images = []
+        mb = self.config.max_batch
+        for start in range(0, x0.shape[0], mb):
+            img = self.decode(x0[start:start + mb])
+            for k, fn in enumerate(self.rewards):
+                scores[k].append(torch.as_tensor(fn(img, prompts[start:start + mb])).float().flatten().cpu())
+            if self.keep_images:
+                images.append(img.detach().cpu())
+        return torch.stack([torch.cat(s) for s in scores]), (torch.cat(images) if images else None)
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> dict[str, float]:
+        cfg, it = self.config, self.iteration
+        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, it))
+        idx = self.prompts_for(it)
+        prompts = [self.prompts[i] for i in idx]
+        t0 = time.perf_counter()
+        cond = self.model.encode(prompts)
+        tree = rollout(self.model, cond, len(prompts), cfg.schedule, self.latent_shape, generator=gen,
+                       iteration=it, max_batch=cfg.max_batch, device=self.device, dtype=self.dtype,
+                       hook=self._hook)
+        t1 = time.perf_counter()
+        leaf_prompts = [prompts[t] for t in tree.leaf_tree().tolist()]
+        rewards, images = self.score(tree.leaf_x0, leaf_prompts)
+        weights = cfg.reward_weights or (1.0,) * len(self.rewards)
+        combined = (torch.tensor(weights, dtype=torch.float32)[:, None] * rewards).sum(0)
+        for cb in self.callbacks:
+            cb.on_rollout_end(it, tree, combined, images)
+        t2 = time.perf_counter()
+        adv = compute_advantages(tree, rewards, cfg.advantage, weights)
+        edges = select_edges(tree, adv, cfg.pruning, cfg.schedule.split_steps, it, cfg.iterations, gen)
+        upd = policy_update(self.model, cond, tree, edges, adv, cfg.schedule, cfg.optim, self.optimizer,
+                            self.params, generator=gen, device=self.device, dtype=self.dtype,
+                            reference=self.reference, hook=self._hook)
+        t3 = time.perf_counter()
+        self.iteration += 1
+        n_leaves = tree.leaves.numel()
+        trained_adv = adv[edges] if edges.numel() else torch.zeros(1)
+        metrics: dict[str, float] = {
+            "iteration": self.iteration,
+            "reward_mean": float(combined.mean()), "reward_std": float(combined.std()) if n_leaves > 1 else 0.0,
+            "reward_max": float(combined.max()), "reward_min": float(combined.min()),
+            "adv_std": float(trained_adv.std()) if trained_adv.numel() > 1 else 0.0,
+            "adv_abs_mean": float(trained_adv.abs().mean()),
+            "leaves": n_leaves, "edges_total": tree.num_edges, "nfe_rollout": tree.nfe,
+            "pruned_depths": len(active_depths(cfg.pruning, it, cfg.schedule.split_steps)),
+            "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2, "time_total": t3 - t0,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if len(self.rewards) > 1:
+            for k, fn in enumerate(self.rewards):
+                metrics[f"reward/{getattr(fn, 'name', k)}"] = float(rewards[k].mean())
+        metrics.update(upd)
+        self.history.append(metrics)
+        self.last_tree, self.last_rewards = tree, combined
+        for cb in self.callbacks:
+            cb.on_iteration_end(self.iteration, metrics)
+        return metrics
+
+    def train(self, checkpoint_path: str | os.PathLike | None = None,
+              until: int | None = None) -> list[dict[str, float]]:
+        """Run until ``until`` (default ``config.iterations``) completed iterations."""
+        until = self.config.iterations if until is None else until
+        every = self.config.checkpoint_every
+        while self.iteration < until:
+            self.step()
+            if checkpoint_path is not None and every > 0 and self.iteration % every == 0:
+                self.save_checkpoint(checkpoint_path)
+        if checkpoint_path is not None:
+            self.save_checkpoint(checkpoint_path)
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                "adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "history": json.dumps(self.history),
+                "config": json.dumps(self.config.to_dict()), "prompts": json.dumps(self.prompts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a BranchGRPO checkpoint (missing format tag)")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not supported (expected "
+                             f"{CHECKPOINT_VERSION})")
+        self.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.history = json.loads(state["history"])
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    @staticmethod
+    def read_checkpoint_config(path: str | os.PathLike) -> TrainerConfig:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return TrainerConfig.from_dict(json.loads(state["config"]))
