@@ -163,7 +163,8 @@ class LoRA(nn.Module):
     """
 
     def __init__(self, root: nn.Module, config: LoRAConfig, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, seed: int | None = None) -> None:
+        """``seed`` makes the initialisation of ``down`` reproducible without touching the global RNG."""
         super().__init__()
         config.validate()
         self.config = config
@@ -174,11 +175,14 @@ class LoRA(nn.Module):
         if not found:
             raise ValueError(self._no_match_message(root))
         self.names: list[str] = [name for name, _ in found]
-        self.adapters = nn.ModuleList(
-            LoRAAdapter(m.in_features, m.out_features, config.rank, dtype=dtype, device=device,
-                        init_std=config.init_std)
-            for _, m in found
-        )
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.adapters = nn.ModuleList(
+                LoRAAdapter(m.in_features, m.out_features, config.rank, dtype=dtype, device=device,
+                            init_std=config.init_std)
+                for _, m in found
+            )
         self._index = {name: i for i, name in enumerate(self.names)}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._enabled = True
