@@ -226,11 +226,14 @@ def test_width_pruning_counts():
 def test_baseline_edge_selection():
     flat, _ = tiny_tree(preset("dancegrpo").schedule, prompts=("a",))
     kept, _ = _edges("dancegrpo", flat)
-    assert kept.numel() == 16 * 19  # last step dropped
+    assert kept.numel() == 16 * 20  # the paper's NFE(pi_theta) = 20
     kept, _ = _edges("dancegrpo-tf0.6", flat)
-    assert kept.numel() == 16 * int(19 * 0.6)
+    assert kept.numel() == 16 * 12  # the paper's 12
     per_root = torch.bincount(flat.root[kept], minlength=16)
-    assert torch.all(per_root == int(19 * 0.6))
+    assert torch.all(per_root == 12)
+    cfg = PruningConfig(train_last_step=False, timestep_fraction=0.6)
+    kept = select_edges(flat, torch.zeros(flat.num_nodes), cfg, (), 0, 1, torch.Generator().manual_seed(0))
+    assert kept.numel() == 16 * int(19 * 0.6) and not torch.any(flat.depth[kept] == 20)
 
 
 # ---------------------------------------------------------------- the update
@@ -382,7 +385,7 @@ def test_cancel_between_model_calls_keeps_last_checkpoint(tmp_path):
 
 
 def test_presets_counts():
-    want = {"dancegrpo": (20.0, 19.0), "dancegrpo-tf0.6": (20.0, 11.0), "branchgrpo": (12.6875, 13.625),
+    want = {"dancegrpo": (20.0, 20.0), "dancegrpo-tf0.6": (20.0, 12.0), "branchgrpo": (12.6875, 13.625),
             "branchgrpo-deppru": (12.6875, 8.625), "branchgrpo-widpru": (12.6875, 8.625),
             "branchgrpo-mix": (12.6875, 2.125), "mixgrpo": (20.0, 5.0), "flowgrpo": (10.0, 9.0)}
     for name, (nfe, edges) in want.items():
