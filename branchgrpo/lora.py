@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors import torch as safetensors_torch
 from torch import Tensor, nn
 
-__all__ = ["LoRAConfig", "LoRA", "freeze_base", "save_lora", "load_lora_file"]
+__all__ = ["LoRAConfig", "LoRA", "freeze_base", "save_lora", "save_state_dict", "load_lora_file"]
 
 _UP = ".lora_up.weight"
 _DOWN = ".lora_down.weight"
@@ -227,6 +227,11 @@ class LoRA(nn.Module):
             return self.adapters[self._index[name]]
         except KeyError:
             raise KeyError(f"{name!r} is not adapted by this LoRA; adapted modules: {_listing(self.names)}") from None
+
+    @property
+    def enabled(self) -> bool:
+        """False inside :meth:`disabled` (weight wrappers and hooks then contribute nothing)."""
+        return self._enabled
 
     def delta(self, name: str) -> Tensor:
         """Dense weight update ``scale * up @ down`` ``[out, in]`` (adapter dtype/device, differentiable)."""
@@ -458,7 +463,13 @@ def freeze_base(root: nn.Module) -> None:
 
 def save_lora(path: str | os.PathLike, lora: LoRA, metadata: Mapping[str, Any] | None = None,
               prefix: str = "diffusion_model") -> None:
-    """Write ``lora`` as a ComfyUI-format ``.safetensors`` file, atomically.
+    """Write ``lora`` as a ComfyUI-format ``.safetensors`` file, atomically (see :func:`save_state_dict`)."""
+    save_state_dict(path, lora.to_comfy_state_dict(prefix), metadata)
+
+
+def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+                    metadata: Mapping[str, Any] | None = None) -> None:
+    """Write tensors as ``.safetensors``, atomically.
 
     The file is written to a temporary name in the target directory, fsynced, then renamed
     over ``path``: a failure leaves no partial file and any older file at ``path`` intact.
@@ -471,7 +482,7 @@ def save_lora(path: str | os.PathLike, lora: LoRA, metadata: Mapping[str, Any] |
         if not isinstance(k, str):
             raise TypeError(f"save_lora: metadata keys must be strings, got {k!r}")
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tensors = lora.to_comfy_state_dict(prefix)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:

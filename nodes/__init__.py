@@ -1,0 +1,21 @@
+"""ComfyUI nodes of the pack: thin wrappers that build engine objects and call ``branchgrpo``."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .lora_io import SaveLoRANode
+from .plot import MetricsPlotNode
+from .rewards import WeightFreeRewardNode
+from .sampler import TreeSamplerNode
+from .settings import BranchScheduleNode, PromptsNode, PruningNode, TreeAdvantageNode
+from .trainer import TrainerNode
+
+NODES: list[type[io.ComfyNode]] = [
+    BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, SaveLoRANode,
+    MetricsPlotNode, WeightFreeRewardNode,
+]
+
+
+class BranchGRPOExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

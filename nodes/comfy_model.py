@@ -1,0 +1,220 @@
+"""The engine's velocity model over a ComfyUI ``ModelPatcher``, through ComfyUI's own conditioning path.
+
+* The trainable LoRA acts through ``ModelPatcher.add_weight_wrapper`` on a *clone* of the input
+  MODEL: the weight a layer uses becomes ``W + scale * up @ down``. Patches applied upstream (a LoRA
+  loaded before training) are merged into ``W`` first, so they keep acting; offloading (lowvram)
+  applies weight functions per layer as usual; the input MODEL is never modified.
+* Prompts are encoded with the CLIP input (``clip.encode_from_tokens_scheduled``), FLUX guidance is
+  set on the conditioning, and every model call goes through ``comfy.samplers.sampling_function``
+  (``calc_cond_batch`` + CFG), so true CFG with a negative prompt, model patches and wrappers all work
+  as in a KSampler. The denoised output of a flow model is ``x - sigma * v``; the velocity is
+  recovered as ``(x - denoised) / sigma``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sampler_helpers
+import comfy.samplers
+import node_helpers
+
+from branchgrpo.lora import LoRA, LoRAConfig
+
+log = logging.getLogger("BranchGRPO")
+
+
+def is_flow_model(model_patcher) -> bool:
+    ms = model_patcher.get_model_object("model_sampling")
+    return isinstance(ms, comfy.model_sampling.CONST)
+
+
+def model_family(model_patcher) -> str:
+    return type(model_patcher.model).__name__
+
+
+def require_flow_model(model_patcher, node: str) -> None:
+    if is_flow_model(model_patcher):
+        return
+    ms = model_patcher.get_model_object("model_sampling")
+    kinds = [c.__name__ for c in type(ms).__mro__ if c.__module__ == comfy.model_sampling.__name__]
+    raise ValueError(
+        f"{node}: model — this is a {model_family(model_patcher)} model with {'/'.join(kinds[:2]) or type(ms).__name__} "
+        "prediction, not a flow-matching (rectified-flow, velocity) model. BranchGRPO's SDE and log-probabilities are "
+        "defined for flow models only (FLUX, SD3/3.5, Wan, HunyuanVideo, Lumina, Qwen-Image, ...). SD1.5/SDXL-style "
+        "eps/v-prediction models are not supported; load a flow model instead.")
+
+
+class LoRAWeightWrapper:
+    """A ComfyUI weight function: ``W -> W + scale * up @ down`` while the LoRA is enabled."""
+
+    def __init__(self, lora: LoRA, name: str):
+        self.lora, self.name = lora, name
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.lora.enabled:
+            return weight
+        delta = self.lora.delta(self.name)
+        return weight + delta.to(device=weight.device, dtype=weight.dtype).reshape(weight.shape)
+
+    def move_to(self, device=None) -> int:
+        # The adapter stays on the compute device with its optimizer state; it is small.
+        return self.passive_memory_usage()
+
+    def passive_memory_usage(self) -> int:
+        a = self.lora.adapter(self.name)
+        return sum(p.numel() * p.element_size() for p in a.parameters())
+
+
+def attach_lora(model_patcher, config: LoRAConfig, *, seed: int, device, dtype=torch.float32):
+    """Clone ``model_patcher`` and attach a fresh trainable LoRA over its diffusion model."""
+    mp = model_patcher.clone()
+    lora = LoRA(mp.model.diffusion_model, config, dtype=dtype, device=device, seed=seed)
+    for name in lora.names:
+        mp.add_weight_wrapper(f"diffusion_model.{name}.weight", LoRAWeightWrapper(lora, name))
+    return mp, lora
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model_patcher, enabled: bool):
+    """Checkpoint every block of the transformer's block lists while gradients are on; undone after."""
+    if not enabled:
+        yield 0
+        return
+    dm = model_patcher.model.diffusion_model
+    patched = []
+    for _, child in dm.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                original = block.forward
+
+                def forward(*args, __orig=original, **kwargs):
+                    if torch.is_grad_enabled():
+                        return torch.utils.checkpoint.checkpoint(__orig, *args, use_reentrant=False, **kwargs)
+                    return __orig(*args, **kwargs)
+
+                block.forward = forward
+                patched.append(block)
+    try:
+        yield len(patched)
+    finally:
+        for block in patched:
+            del block.forward
+
+
+def encode_prompt(clip, text: str, guidance: float | None) -> list:
+    tokens = clip.tokenize(text)
+    cond = clip.encode_from_tokens_scheduled(tokens)
+    if guidance is not None:
+        cond = node_helpers.conditioning_set_values(cond, {"guidance": guidance})
+    return cond
+
+
+class ComfyFlowModel:
+    """:class:`branchgrpo.models.base.VelocityModel` over a ModelPatcher (use inside :meth:`session`)."""
+
+    def __init__(self, model_patcher, latent_shape: Sequence[int], *, clip=None,
+                 conditioning: dict[str, list] | None = None, negative: str = "", cfg: float = 1.0,
+                 guidance: float | None = 3.5, seed: int = 0):
+        self.mp = model_patcher
+        self.clip = clip
+        self.latent_shape = tuple(latent_shape)
+        self.negative_text = negative
+        self.cfg = float(cfg)
+        self.guidance = guidance
+        self.seed = seed
+        self._raw: dict[str, list] = dict(conditioning or {})  # prompt -> CONDITIONING
+        self._negative_raw = None
+        self._processed: dict[str, dict] = {}
+        self._prompt_ids: dict[str, int] = {}
+        self._prompts: list[str] = []
+        self.real_model = None
+        self.model_options = None
+        self.device = comfy.model_management.get_torch_device()
+
+    # ------------------------------------------------------------------ conditioning
+    def add_prompts(self, prompts: Sequence[str]) -> None:
+        for p in prompts:
+            if p not in self._raw:
+                if self.clip is None:
+                    raise ValueError("BranchGRPO Trainer: clip — a CLIP input is needed to encode training prompts.")
+                self._raw[p] = encode_prompt(self.clip, p, self.guidance)
+        if self.cfg != 1.0 and self._negative_raw is None:
+            if self.clip is None:
+                raise ValueError("BranchGRPO Trainer: clip — true CFG needs a CLIP input for the negative prompt.")
+            self._negative_raw = encode_prompt(self.clip, self.negative_text, self.guidance)
+
+    def _conds_for(self, prompt: str) -> dict[str, list]:
+        conds = {"positive": comfy.sampler_helpers.convert_cond(self._raw[prompt])}
+        if self.cfg != 1.0:
+            conds["negative"] = comfy.sampler_helpers.convert_cond(self._negative_raw)
+        return conds
+
+    @contextlib.contextmanager
+    def session(self, max_batch: int):
+        """Load the model as a sampler would, process every prompt's conds, and clean up after."""
+        mp = self.mp
+        self.model_options = comfy.model_patcher.create_model_options_clone(mp.model_options)
+        all_conds = {"positive": [], "negative": []}
+        for p in self._raw:
+            c = self._conds_for(p)
+            for k in c:
+                all_conds[k] += c[k]
+        comfy.sampler_helpers.prepare_model_patcher(mp, all_conds, self.model_options)
+        noise_shape = (max_batch, *self.latent_shape)
+        real_model, _, loaded = comfy.sampler_helpers.prepare_sampling(mp, noise_shape, all_conds, self.model_options)
+        device = mp.load_device
+        comfy.samplers.cast_to_load_options(self.model_options, device=device, dtype=mp.model_dtype())
+        mp.pre_run()
+        try:
+            self.real_model, self.device = real_model, device
+            zeros = torch.zeros((1, *self.latent_shape), device=device)
+            for i, p in enumerate(self._raw):
+                self._processed[p] = comfy.samplers.process_conds(real_model, zeros, self._conds_for(p), device,
+                                                                  zeros, None, self.seed)
+            yield self
+        finally:
+            mp.cleanup()
+            comfy.sampler_helpers.cleanup_models(all_conds, loaded)
+            comfy.samplers.cast_to_load_options(self.model_options, device=mp.offload_device)
+            mp.restore_hook_patches()
+            self.real_model = None
+            self._processed = {}
+
+    # ------------------------------------------------------------------ VelocityModel
+    def encode(self, prompts: Sequence[str]) -> list[str]:
+        missing = [p for p in prompts if p not in self._processed]
+        if missing:
+            raise RuntimeError(f"prompts not prepared for this session: {missing[:3]}")
+        return list(prompts)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: list[str], index: torch.Tensor) -> torch.Tensor:
+        index = index.to("cpu")
+        groups = torch.unique(index).tolist()
+        view = (-1,) + (1,) * (x.dim() - 1)
+
+        def predict(xr, sr, prompt):
+            conds = self._processed[prompt]
+            denoised = comfy.samplers.sampling_function(self.real_model, xr, sr, conds.get("negative"),
+                                                        conds["positive"], self.cfg, self.model_options, self.seed)
+            return (xr.float() - denoised.float()) / sr.float().view(view)
+
+        sigma = sigma.to(x.device)
+        if len(groups) == 1:
+            return predict(x, sigma, cond[groups[0]])
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for k in groups:
+            rows = torch.nonzero(index == k).flatten().to(x.device)
+            out[rows] = predict(x[rows], sigma[rows], cond[k])
+        return out
+
+    # ------------------------------------------------------------------ latent space
+    def to_vae_latent(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space latent -> the VAE's latent space (``process_latent_out``)."""
+        return self.mp.model.process_latent_out(x0)

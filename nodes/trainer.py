@@ -1,0 +1,319 @@
+"""The Trainer node: BranchGRPO fine-tuning of a LoRA inside a ComfyUI graph."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+from branchgrpo.advantage import AdvantageConfig
+from branchgrpo.loss import OptimConfig
+from branchgrpo.lora import LoRAConfig
+from branchgrpo.pruning import PruningConfig
+from branchgrpo.rewards.base import Reward
+from branchgrpo.schedule import BranchSchedule
+from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
+
+from . import types as T
+from .comfy_model import ComfyFlowModel, attach_lora, gradient_checkpointing, model_family, require_flow_model
+
+log = logging.getLogger("BranchGRPO")
+NODE = "BranchGRPO Trainer"
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROGRESS_UNITS = 100  # progress-bar units per iteration: half rollout, half update
+
+
+class LoraStateDict(dict):
+    """ComfyUI's LORA_MODEL (a plain ``{key: tensor}`` dict) that also carries the run's metadata."""
+    metadata: dict
+
+
+def checkpoint_dir(run_name: str) -> str:
+    return os.path.join(folder_paths.get_output_directory(), "branchgrpo", run_name)
+
+
+def _send(event: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+        server.send_sync(event, data, server.client_id)
+    except Exception:  # no server (tests, headless): nothing to stream to
+        pass
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None)
+            for k, v in metrics.items()}
+
+
+class ComfyProgress(Callback):
+    """Progress bar per iteration (with the rollout / update progress inside), interrupt checks
+    before every model call, and metrics + the latest tree streamed to the browser."""
+
+    def __init__(self, node_id, run_name: str, start: int, total: int):
+        self.node_id, self.run_name, self.total = node_id, run_name, total
+        self.iteration = start
+        self.pbar = comfy.utils.ProgressBar(total * PROGRESS_UNITS, node_id=node_id)
+        self.pbar.update_absolute(start * PROGRESS_UNITS)
+        self.tree_view = None
+
+    def on_model_call(self, phase, done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        frac = done / max(total, 1)
+        frac = 0.5 * frac if phase == "rollout" else 0.5 + 0.5 * frac
+        self.pbar.update_absolute(int(self.iteration * PROGRESS_UNITS + frac * PROGRESS_UNITS))
+
+    def on_rollout_end(self, iteration, tree, leaf_rewards, images):
+        first = tree.tree == 0
+        widths = [int(((tree.depth == d) & first).sum()) for d in range(tree.num_steps + 1)]
+        n0 = int((tree.leaf_tree() == 0).sum())
+        self.tree_view = {"widths": widths, "leaf_rewards": [float(r) for r in leaf_rewards[:n0]],
+                          "forks": [i for i in range(tree.num_steps) if widths[i + 1] > widths[i]]}
+
+    def on_iteration_end(self, iteration, metrics):
+        self.iteration = iteration
+        self.pbar.update_absolute(iteration * PROGRESS_UNITS)
+        _send("branchgrpo.metrics", {"node": self.node_id, "run": self.run_name, "iteration": iteration,
+                                     "total": self.total, "metrics": _jsonable(metrics), "tree": self.tree_view})
+        log.info("BranchGRPO %s it %d/%d reward %.4f (best %.4f worst %.4f) loss %.3g %.1fs", self.run_name,
+                 iteration, self.total, metrics["reward_mean"], metrics["reward_max"], metrics["reward_min"],
+                 metrics["loss"], metrics["time_total"])
+
+
+def estimate_memory(model_patcher, latent_shape, schedule: BranchSchedule, prompts_per_iteration: int,
+                    max_batch: int, max_train_batch: int, lora_params: int, checkpointing: bool) -> dict:
+    """A rough budget (bytes) of a run: weights, adapter + AdamW state, the stored tree, activations."""
+    latent = math.prod(latent_shape)
+    nodes = prompts_per_iteration * (schedule.group_size + schedule.num_edges())
+    weights = model_patcher.model_size()
+    adapter = lora_params * 4 * 4  # fp32 weights, grads, two Adam moments
+    tree = nodes * latent * 4
+    dm = model_patcher.model.diffusion_model
+    hidden = max((m.out_features for m in dm.modules() if isinstance(m, torch.nn.Linear)), default=latent)
+    blocks = sum(len(c) for c in dm.children() if isinstance(c, torch.nn.ModuleList)) or 1
+    tokens = max(1, latent // max(1, latent_shape[0]) // 4)
+    itemsize = model_patcher.model_dtype().itemsize if hasattr(model_patcher.model_dtype(), "itemsize") else 2
+    per_sample_block = tokens * hidden * itemsize * (2 if checkpointing else 12)
+    activations = max_train_batch * per_sample_block * blocks + max_batch * tokens * hidden * itemsize * 4
+    total = weights + adapter + tree + activations
+    return {"weights": weights, "adapter_and_optimizer": adapter, "tree": tree, "activations": activations,
+            "total": total}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GB"
+
+
+class TrainerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BranchGRPOTrainer", display_name="Trainer (BranchGRPO)", category=T.CATEGORY,
+            is_experimental=True, not_idempotent=True,
+            description="Fine-tunes a LoRA on the MODEL with BranchGRPO: each iteration samples a branching tree "
+                        "per prompt, decodes and scores the leaves with the reward model, turns rewards into "
+                        "per-edge advantages, prunes, and takes a PPO-clip step on the kept edges. The input "
+                        "MODEL is untouched; the output MODEL carries the trained LoRA. A checkpoint is written "
+                        "after every iteration to output/branchgrpo/<run_name>/ and 'resume' continues it.",
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Model.Input("model", tooltip="A flow-matching diffusion model (FLUX, SD3/3.5, Wan, ...). "
+                               "Its weights stay frozen; LoRAs applied upstream keep acting."),
+                io.Clip.Input("clip", tooltip="Text encoder(s) used to encode every training prompt."),
+                io.Vae.Input("vae", tooltip="Decodes the leaves for the reward model."),
+                T.Prompts.Input("prompts", tooltip="Training prompts (from the Prompts node)."),
+                T.RewardModel.Input("reward", tooltip="The reward model (a reward loader or Reward Mix)."),
+                io.Latent.Input("latent", tooltip="An empty latent of the training resolution (and frames, for "
+                                "video). Only its shape is used: memory grows with its size."),
+                io.Int.Input("iterations", default=100, min=1, max=100000, tooltip="Training iterations "
+                             "(one tree per prompt per iteration, then one update)."),
+                io.Int.Input("prompts_per_iteration", default=1, min=1, max=64, tooltip="Trees per iteration. "
+                             "Time and the stored tree grow linearly."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6, round=1e-8,
+                               tooltip="AdamW learning rate of the LoRA (1e-4 to 3e-4 is usual for LoRA)."),
+                io.Int.Input("lora_rank", default=16, min=1, max=512, tooltip="LoRA rank. Memory of the adapter "
+                             "and its optimizer state grows linearly."),
+                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.01,
+                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
+                io.String.Input("lora_targets", default="*", tooltip="Comma-separated globs of the Linear layers "
+                                "to adapt, by module name in the diffusion model (e.g. '*attn*' or '*'). "),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                             tooltip="Seed of every random draw of the run (rollout noise, prompt order)."),
+                T.Schedule.Input("schedule", optional=True, tooltip="Branch schedule (default: the paper's "
+                                 "20 steps, splits 0,3,6,9, K=2)."),
+                T.Advantage.Input("advantage", optional=True, tooltip="Advantage settings (default: tree, mean)."),
+                T.Pruning.Input("pruning", optional=True, tooltip="Pruning settings (default: none)."),
+                io.Float.Input("clip_range", default=1e-3, min=1e-6, max=0.5, step=1e-5, round=1e-6,
+                               optional=True, tooltip="PPO ratio clip (BranchGRPO 1e-3, DanceGRPO 1e-4)."),
+                io.Float.Input("kl_beta", default=0.0, min=0.0, max=10.0, step=0.001, optional=True,
+                               tooltip="Weight of the KL to the base model. > 0 costs one extra forward per "
+                                       "trained parent."),
+                io.Int.Input("edges_per_step", default=0, min=0, max=100000, optional=True,
+                             tooltip="0: one optimizer step per iteration. N: a step every N edges (official: 12)."),
+                io.Float.Input("max_grad_norm", default=1.0, min=1e-4, max=1000.0, step=0.01, optional=True,
+                               tooltip="Gradient-norm clip."),
+                io.Int.Input("max_batch", default=16, min=1, max=1024, optional=True, tooltip="Most latents per "
+                             "model call in the rollout and decoding. Lower it if you run out of memory."),
+                io.Int.Input("max_train_batch", default=4, min=1, max=1024, optional=True, tooltip="Most parent "
+                             "latents per forward with gradients. Activation memory grows linearly."),
+                io.Combo.Input("gradient_checkpointing", options=["auto", "on", "off"], default="auto",
+                               optional=True, tooltip="Recompute activations in the backward pass: far less "
+                               "memory, ~30% more time. 'auto' = on for models over 1 GB."),
+                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, optional=True,
+                               tooltip="True CFG scale (1 = off; each model call then costs two evaluations)."),
+                io.String.Input("negative_prompt", default="", optional=True, tooltip="Negative prompt for true CFG."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="FLUX distilled guidance (3.5 in the research code); ignored by models "
+                                       "without a guidance input."),
+                io.String.Input("run_name", default="branchgrpo_run", optional=True, tooltip="Folder of the "
+                                "checkpoint: output/branchgrpo/<run_name>/ (letters, digits, _ . -)."),
+                io.Boolean.Input("resume", default=True, optional=True, tooltip="Continue from the run's "
+                                 "checkpoint if one exists (same settings); otherwise start fresh."),
+                io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                               tooltip="Refuse to start if the estimated memory of the run exceeds this "
+                                       "(0 = the free memory of the device)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input MODEL with the trained LoRA applied."),
+                T.LoraModel.Output(display_name="lora", tooltip="The trained LoRA (ComfyUI key format with "
+                                   "alpha); works with Save LoRA and the native Load LoRA Model."),
+                T.Metrics.Output(display_name="metrics", tooltip="Per-iteration metrics of the run."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, prompts, reward, latent, iterations, prompts_per_iteration, learning_rate,
+                lora_rank, lora_alpha, lora_targets, seed, schedule=None, advantage=None, pruning=None,
+                clip_range=1e-3, kl_beta=0.0, edges_per_step=0, max_grad_norm=1.0, max_batch=16, max_train_batch=4,
+                gradient_checkpointing="auto", cfg=1.0, negative_prompt="", guidance=3.5, run_name="branchgrpo_run",
+                resume=True, memory_budget_gb=0.0) -> io.NodeOutput:
+        # ---------------------------------------------------------- validation (before any compute)
+        require_flow_model(model, NODE)
+        if not isinstance(prompts, dict) or not prompts.get("train"):
+            raise ValueError(f"{NODE}: prompts — the prompt list is empty; connect a Prompts node with at least "
+                             "one training prompt.")
+        rewards, weights, aggregation = unpack_reward(reward)
+        if not RUN_NAME.match(run_name or ""):
+            raise ValueError(f"{NODE}: run_name — {run_name!r} is not a plain folder name; use letters, digits, "
+                             "'_', '.' or '-' (no slashes), e.g. 'flux_hps_run1'.")
+        samples = latent["samples"]
+        latent_shape = tuple(samples.shape[1:])
+        channels = model.model.latent_format.latent_channels
+        if latent_shape[0] != channels:
+            raise ValueError(f"{NODE}: latent — it has {latent_shape[0]} channels but this {model_family(model)} "
+                             f"model needs {channels}; use the empty-latent node that matches the model.")
+        schedule = schedule or BranchSchedule()
+        targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) or ("*",)
+        config = TrainerConfig(
+            schedule=schedule, advantage=advantage or AdvantageConfig(), pruning=pruning or PruningConfig(),
+            optim=OptimConfig(learning_rate=learning_rate, clip_range=clip_range, kl_beta=kl_beta,
+                              edges_per_step=edges_per_step, max_grad_norm=max_grad_norm,
+                              max_train_batch=max_train_batch),
+            iterations=iterations, prompts_per_iteration=prompts_per_iteration, seed=seed, max_batch=max_batch,
+            reward_weights=tuple(weights), checkpoint_every=1)
+        config.advantage.aggregation = aggregation
+        try:
+            config.validate(NODE)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        lora_cfg = LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=targets)
+        try:
+            lora_cfg.validate()
+        except ValueError as e:
+            raise ValueError(f"{NODE}: {e}") from None
+        big = model.model_size() > 2 ** 30
+        use_gc = gradient_checkpointing == "on" or (gradient_checkpointing == "auto" and big)
+        n_lora = count_lora_params(model, lora_cfg)
+        mem = estimate_memory(model, latent_shape, schedule, prompts_per_iteration, max_batch, max_train_batch,
+                              n_lora, use_gc)
+        device = model.load_device
+        budget = memory_budget_gb * 2 ** 30 if memory_budget_gb > 0 else comfy.model_management.get_total_memory(device)
+        if mem["total"] > budget:
+            raise ValueError(
+                f"{NODE}: schedule — the tree is too large for the batch budget: storing "
+                f"{prompts_per_iteration} tree(s) of {schedule.num_leaves()} leaves needs {_gb(mem['tree'])} and the "
+                f"update ~{_gb(mem['activations'])}, over the {_gb(budget)} available. Use fewer split steps or a "
+                "smaller branching factor, fewer prompts_per_iteration, a smaller latent, or lower max_batch / "
+                "max_train_batch.")
+        ckpt = os.path.join(checkpoint_dir(run_name), "checkpoint.pt")
+        info = (f"estimated memory: {_gb(mem['total'])} (weights {_gb(mem['weights'])}, tree {_gb(mem['tree'])}, "
+                f"activations {_gb(mem['activations'])}, adapter+optimizer {_gb(mem['adapter_and_optimizer'])}); "
+                f"gradient checkpointing {'on' if use_gc else 'off'}")
+        log.info("BranchGRPO %s: %s", run_name, info)
+
+        # ---------------------------------------------------------- training
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        with torch.inference_mode(False), torch.enable_grad():
+            mp, lora = attach_lora(model, lora_cfg, seed=seed, device=device)
+            flow = ComfyFlowModel(mp, latent_shape, clip=clip, negative=negative_prompt, cfg=cfg,
+                                  guidance=guidance, seed=seed)
+            flow.add_prompts(prompts["train"])
+
+            def decode(x0):
+                return vae.decode(flow.to_vae_latent(x0.to(vae.device if hasattr(vae, "device") else x0.device)))
+
+            trainer = BranchGRPOTrainer(flow, lora, prompts["train"], rewards, decode, config, latent_shape,
+                                        device=device, callbacks=[])
+            resumed_from = 0
+            if resume and os.path.exists(ckpt):
+                saved = BranchGRPOTrainer.read_checkpoint_config(ckpt)
+                if saved.to_dict() | {"iterations": 0} != config.to_dict() | {"iterations": 0}:
+                    raise ValueError(f"{NODE}: resume — the checkpoint in {os.path.dirname(ckpt)} was made with "
+                                     "different settings; restore them, set resume off, or pick a new run_name.")
+                trainer.load_checkpoint(ckpt)
+                resumed_from = trainer.iteration
+            progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations)
+            trainer.callbacks.append(progress)
+            with flow.session(max_batch), gradient_checkpointing(mp, use_gc):
+                trainer.train(checkpoint_path=ckpt)
+            for p in lora.parameters():
+                p.requires_grad_(False)
+            lora_sd = LoraStateDict(lora.to_comfy_state_dict())
+        lora_sd.metadata = {
+            "branchgrpo.method": "BranchGRPO", "branchgrpo.config": json.dumps(config.to_dict()),
+            "branchgrpo.base_model": model_family(model), "branchgrpo.iterations": str(trainer.iteration),
+            "branchgrpo.lora": json.dumps({"rank": lora_rank, "alpha": lora_alpha, "targets": list(targets)}),
+            "branchgrpo.reward": ",".join(getattr(r, "name", type(r).__name__) for r in rewards),
+            "branchgrpo.run_name": run_name, "branchgrpo.latent_shape": json.dumps(list(latent_shape)),
+        }
+        out_model, _ = comfy.sd.load_lora_for_models(model, None, dict(lora_sd), 1.0, 0)
+        metrics = {"run_name": run_name, "history": trainer.history, "checkpoint": ckpt,
+                   "resumed_from": resumed_from, "memory_estimate": mem}
+        last = trainer.history[-1] if trainer.history else {}
+        text = (f"{trainer.iteration}/{iterations} iterations (resumed from {resumed_from}); "
+                f"reward {last.get('reward_mean', float('nan')):.4f}; {info}")
+        return io.NodeOutput(out_model, lora_sd, metrics, ui={"text": [text]})
+
+
+def unpack_reward(reward) -> tuple[list, list[float], str]:
+    """A REWARD_MODEL is one scorer, or a mix exposing ``rewards``, ``weights`` and ``aggregation``."""
+    if hasattr(reward, "rewards") and hasattr(reward, "weights"):
+        return list(reward.rewards), list(reward.weights), getattr(reward, "aggregation", "reward_sum")
+    if not callable(reward):
+        raise ValueError(f"{NODE}: reward — expected a REWARD_MODEL from a reward loader node, got "
+                         f"{type(reward).__name__}.")
+    return [reward], [1.0], "reward_sum"
+
+
+def count_lora_params(model_patcher, lora_cfg: LoRAConfig) -> int:
+    import fnmatch
+    n = 0
+    for name, m in model_patcher.model.diffusion_model.named_modules():
+        if name and isinstance(m, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in lora_cfg.targets) \
+                and not any(fnmatch.fnmatchcase(name, p) for p in lora_cfg.exclude):
+            n += lora_cfg.rank * (m.in_features + m.out_features)
+    if n == 0:
+        raise ValueError(f"{NODE}: lora_targets — {','.join(lora_cfg.targets)!r} matches no Linear layer of the "
+                         "model; use '*' or a pattern such as '*attn*'.")
+    return n
+
+
+__all__ = ["TrainerNode", "LoraStateDict", "checkpoint_dir", "unpack_reward", "Reward"]
