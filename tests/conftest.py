@@ -1,0 +1,33 @@
+"""Shared pytest fixtures. Real-ComfyUI fixtures live in tests/comfy_server.py:
+
+- ``comfy_base`` (session): Path of the server's --base-directory (models/, output/, ...).
+- ``comfy`` (session): ComfyClient of a real ComfyUI 0.3.75 server running this pack.
+
+Tests that use either (or carry ``@pytest.mark.comfy``) are skipped with the reason when
+``.comfyui/`` is missing (run scripts/setup_dev.sh), so the engine tests still run alone.
+"""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from comfy_server import comfy_missing_reason, server_fixtures  # noqa: E402
+
+comfy_base, comfy = server_fixtures()
+
+_COMFY_FIXTURES = {"comfy", "comfy_base"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfy: needs a real ComfyUI server (scripts/setup_dev.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = comfy_missing_reason()
+    for item in items:
+        if _COMFY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("comfy"):
+            item.add_marker(pytest.mark.comfy)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
