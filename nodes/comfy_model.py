@@ -72,8 +72,33 @@ class LoRAWeightWrapper:
         return sum(p.numel() * p.element_size() for p in a.parameters())
 
 
+def prepare_base_for_training(model) -> int:
+    """Freeze the base weights and turn inference tensors into normal ones (same values, in place).
+
+    ComfyUI loads weights under ``torch.inference_mode``; autograd cannot save such tensors for the
+    backward pass, which every frozen layer above a LoRA layer needs. Returns how many were converted.
+    """
+    converted = 0
+    with torch.inference_mode(False):
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if p.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    converted += 1
+                else:
+                    p.requires_grad_(False)
+            for name, b in list(module._buffers.items()):
+                if b is not None and b.is_inference():
+                    module._buffers[name] = b.clone()
+                    converted += 1
+    return converted
+
+
 def attach_lora(model_patcher, config: LoRAConfig, *, seed: int, device, dtype=torch.float32):
     """Clone ``model_patcher`` and attach a fresh trainable LoRA over its diffusion model."""
+    prepare_base_for_training(model_patcher.model)
     mp = model_patcher.clone()
     lora = LoRA(mp.model.diffusion_model, config, dtype=dtype, device=device, seed=seed)
     for name in lora.names:

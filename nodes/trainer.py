@@ -23,7 +23,8 @@ from branchgrpo.schedule import BranchSchedule
 from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
 
 from . import types as T
-from .comfy_model import ComfyFlowModel, attach_lora, gradient_checkpointing, model_family, require_flow_model
+from .comfy_model import ComfyFlowModel, attach_lora, model_family, require_flow_model
+from .comfy_model import gradient_checkpointing as checkpointing_blocks
 
 log = logging.getLogger("BranchGRPO")
 NODE = "BranchGRPO Trainer"
@@ -272,7 +273,7 @@ class TrainerNode(io.ComfyNode):
                 resumed_from = trainer.iteration
             progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations)
             trainer.callbacks.append(progress)
-            with flow.session(max_batch), gradient_checkpointing(mp, use_gc):
+            with flow.session(max_batch), checkpointing_blocks(mp, use_gc):
                 trainer.train(checkpoint_path=ckpt)
             for p in lora.parameters():
                 p.requires_grad_(False)
