@@ -51,6 +51,16 @@ class SaveLoRANode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None, **kwargs):
+        """Checked when the prompt is queued, before any node runs."""
+        if isinstance(filename, str):
+            try:
+                resolve_lora_path(filename)
+            except ValueError as e:
+                return str(e)
+        return True
+
+    @classmethod
     def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
         path = resolve_lora_path(filename)
         if not isinstance(lora, dict) or not lora:

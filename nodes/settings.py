@@ -55,8 +55,30 @@ class BranchScheduleNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        """Checked when the prompt is queued (widget values only; linked inputs are checked at run time)."""
+        needed = ("steps", "split_steps", "branching", "split_noise_scale", "sde", "eta", "shift", "group_size",
+                  "sde_window_size", "sde_window_start")
+        if all(kwargs.get(k) is not None for k in needed):
+            try:
+                cls.build(**{k: kwargs[k] for k in needed})
+            except ValueError as e:
+                return str(e)
+        return True
+
+    @classmethod
     def execute(cls, steps, split_steps, branching, split_noise_scale, sde, eta, shift, group_size,
                 sde_window_size, sde_window_start) -> io.NodeOutput:
+        sch = cls.build(steps, split_steps, branching, split_noise_scale, sde, eta, shift, group_size,
+                        sde_window_size, sde_window_start)
+        d = sch.describe()
+        text = (f"{d['leaves_per_prompt']} leaves, {d['rollout_nfe_per_prompt']} model evaluations and "
+                f"{d['edges_per_prompt']} edges per prompt")
+        return io.NodeOutput(sch, ui={"text": [text]})
+
+    @staticmethod
+    def build(steps, split_steps, branching, split_noise_scale, sde, eta, shift, group_size,
+              sde_window_size, sde_window_start) -> BranchSchedule:
         node = "Branch Schedule"
         try:
             splits = parse_steps(split_steps, "split_steps")
@@ -70,10 +92,7 @@ class BranchScheduleNode(io.ComfyNode):
             sch.validate(node)
         except ValueError as e:
             raise e if str(e).startswith(node) else _node_error(node, e)
-        d = sch.describe()
-        text = (f"{d['leaves_per_prompt']} leaves, {d['rollout_nfe_per_prompt']} model evaluations and "
-                f"{d['edges_per_prompt']} edges per prompt")
-        return io.NodeOutput(sch, ui={"text": [text]})
+        return sch
 
 
 class TreeAdvantageNode(io.ComfyNode):
