@@ -79,7 +79,12 @@ class _WeightFreeReward:
     name: str = "weight_free"
     differentiable: bool = False
 
-    def __call__(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None,
+                 grad: bool = False) -> torch.Tensor:
+        """``grad=True`` asks for a score differentiable w.r.t. the pixels (an error if it is not);
+        these scorers never disable autograd, so ``grad=False`` changes nothing."""
+        if grad and not self.differentiable:
+            raise ValueError(f"{self.name}: this reward is not differentiable; call it with grad=False.")
         _check_images(images, prompts)
         if images.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=images.device)
