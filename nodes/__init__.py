@@ -8,11 +8,13 @@ from .plot import MetricsPlotNode
 from .rewards import WeightFreeRewardNode
 from .sampler import TreeSamplerNode
 from .settings import BranchScheduleNode, PromptsNode, PruningNode, TreeAdvantageNode
+from .tiny_model import TinyFlowModelLoaderNode
 from .trainer import TrainerNode
 
 NODES: list[type[io.ComfyNode]] = [
     BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, SaveLoRANode,
     MetricsPlotNode, WeightFreeRewardNode,
+    TinyFlowModelLoaderNode,
 ]
 
 
