@@ -117,6 +117,10 @@ if [[ "$FORCE" == 1 || "$MODULES_OK" == 0 || "$WANT_STAMP" != "$HAVE_STAMP" || !
     step "installing the pack's requirements.txt"
     pip_install "${CONSTRAINT_ARGS[@]}" "${TORCH_PINS[@]}" -r "$ROOT/requirements.txt"
   fi
+  # ImageReward's model code, without the package's conflicting pins (timm==0.6.13) and training deps
+  # (see requirements.txt and branchgrpo/rewards/imagereward_compat.py).
+  step "installing image-reward==1.5 --no-deps"
+  pip_install --no-deps "${CONSTRAINT_ARGS[@]}" image-reward==1.5
   echo "$WANT_STAMP" > "$STAMP_FILE"
 else
   step "python packages up to date (stamp matches; --force to reinstall)"
