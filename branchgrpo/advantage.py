@@ -109,24 +109,34 @@ def depth_advantages(tree: Tree, node_r: torch.Tensor, eps: float = 1e-8, min_st
 
 
 def group_advantages(tree: Tree, leaf_rewards: torch.Tensor, global_std: bool = False,
-                     eps: float = 1e-8, min_std: float = 1e-6) -> torch.Tensor:
-    """GRPO's per-prompt normalisation of the leaves, spread to every node as the mean over its leaves."""
+                     eps: float = 1e-8, min_std: float = 1e-6,
+                     batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO's per-prompt normalisation of the leaves, spread to every node as the mean over its leaves.
+
+    ``global_std`` divides by the std of ``batch_rewards`` (every leaf of the batch, across processes
+    in a distributed run; default: this tree batch's leaves)."""
     r = leaf_rewards.detach().double().cpu()
-    std = r.std().reshape(1) if global_std and r.numel() > 1 else None
+    pool = r if batch_rewards is None else batch_rewards.detach().double().cpu()
+    std = pool.std().reshape(1) if global_std and pool.numel() > 1 else None
     leaf_adv = _zscore_by_group(r, tree.leaf_tree(), eps, min_std, std)
     return node_rewards(tree, leaf_adv, "mean")
 
 
-def single_reward_advantages(tree: Tree, leaf_rewards: torch.Tensor, cfg: AdvantageConfig) -> torch.Tensor:
+def single_reward_advantages(tree: Tree, leaf_rewards: torch.Tensor, cfg: AdvantageConfig,
+                             batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
     if cfg.mode == "group":
-        return group_advantages(tree, leaf_rewards, cfg.global_std, cfg.eps, cfg.min_std)
+        return group_advantages(tree, leaf_rewards, cfg.global_std, cfg.eps, cfg.min_std, batch_rewards)
     node_r = node_rewards(tree, leaf_rewards, cfg.fusion, cfg.temperature)
     return depth_advantages(tree, node_r, cfg.eps, cfg.min_std)
 
 
 def compute_advantages(tree: Tree, rewards: torch.Tensor | Sequence[torch.Tensor],
-                       cfg: AdvantageConfig, weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Advantage of every node (the edge into it carries it), clipped. ``rewards``: ``[L]`` or ``[R, L]``."""
+                       cfg: AdvantageConfig, weights: Sequence[float] | None = None,
+                       batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """Advantage of every node (the edge into it carries it), clipped. ``rewards``: ``[L]`` or ``[R, L]``.
+
+    ``batch_rewards`` (``[R, L_total]``): every leaf of the batch across processes, for statistics
+    that span the batch (group mode's global std); default: ``rewards``."""
     if isinstance(rewards, (list, tuple)):
         rewards = torch.stack([torch.as_tensor(r) for r in rewards])
     rewards = rewards.detach().double().cpu()
@@ -136,8 +146,9 @@ def compute_advantages(tree: Tree, rewards: torch.Tensor | Sequence[torch.Tensor
         torch.as_tensor(list(weights), dtype=torch.float64)
     if w.numel() != rewards.shape[0]:
         raise ValueError(f"{rewards.shape[0]} rewards but {w.numel()} weights")
+    batch = rewards if batch_rewards is None else batch_rewards.detach().double().cpu().reshape(rewards.shape[0], -1)
     if cfg.aggregation == "reward_sum" or rewards.shape[0] == 1:
-        adv = single_reward_advantages(tree, (w[:, None] * rewards).sum(0), cfg)
+        adv = single_reward_advantages(tree, (w[:, None] * rewards).sum(0), cfg, (w[:, None] * batch).sum(0))
     else:
-        adv = sum(wk * single_reward_advantages(tree, rk, cfg) for wk, rk in zip(w, rewards))
+        adv = sum(wk * single_reward_advantages(tree, rk, cfg, bk) for wk, rk, bk in zip(w, rewards, batch))
     return adv.clamp(-cfg.clip, cfg.clip).float()

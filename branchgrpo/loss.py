@@ -93,14 +93,18 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
                   params: Iterable[torch.Tensor], *, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   reference: Callable[[], ContextManager] | None = None,
-                  hook: ModelCallHook | None = None) -> dict[str, float]:
-    """Train on the kept ``edges`` (child node ids). Returns update metrics."""
+                  hook: ModelCallHook | None = None, dist: Any = None) -> dict[str, float]:
+    """Train on the kept ``edges`` (child node ids). Returns update metrics.
+
+    ``dist`` (see :mod:`branchgrpo.distributed`) makes the loss of a minibatch the mean over the
+    edges of every rank and all-reduces the adapter gradients before clipping and stepping.
+    """
     params = [p for p in params if p.requires_grad]
     device = torch.device(device)
     stats = {"loss": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "ratio_max_dev": 0.0, "approx_kl": 0.0,
              "kl": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "nfe_train": 0, "edges_trained": 0,
              "edges_skipped_nonfinite": 0}
-    if edges.numel() == 0:
+    if edges.numel() == 0 and dist is None:
         return stats
     sigmas = tree.sigmas
     sigma_one = float(sigmas[1]) if tree.num_steps > 1 else None
@@ -112,7 +116,7 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
     grad_norms = []
     for mb in plan_minibatches(uniq, counts, cfg.edges_per_step, generator):
         mb_edges = edges[torch.isin(edge_parent, mb)]
-        n_mb = mb_edges.numel()
+        n_mb = mb_edges.numel() if dist is None else max(1.0, dist.all_reduce_sum(mb_edges.numel()))
         optimizer.zero_grad(set_to_none=True)
         for start in range(0, mb.numel(), cfg.max_train_batch):
             par = mb[start:start + cfg.max_train_batch].sort().values
@@ -161,6 +165,8 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
             stats["approx_kl"] += float((old - logp.detach())[finite].sum())
             stats["edges_trained"] += int(finite.sum())
             done_parents += par.numel()
+        if dist is not None:
+            dist.all_reduce_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if math.isfinite(float(gn)):
             optimizer.step()
@@ -170,5 +176,5 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
     n = max(1, stats["edges_trained"])
     for key in ("loss", "clipfrac", "ratio_mean", "approx_kl", "kl"):
         stats[key] /= n
-    stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
     return stats

@@ -9,6 +9,7 @@ timestep fraction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -74,8 +75,8 @@ def pruning_active(cfg: PruningConfig, iteration: int, total_iterations: int) ->
 
 def select_edges(tree: Tree, advantages: torch.Tensor, cfg: PruningConfig, split_steps: tuple[int, ...],
                  iteration: int = 0, total_iterations: int = 1,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Child node ids of the edges to train, in node order."""
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Child node ids of the edges to train, in node order. ``generator``: one per tree, or shared."""
     keep = (tree.parent >= 0) & tree.is_sde
     if not cfg.train_last_step:
         keep &= tree.depth != tree.num_steps
@@ -91,15 +92,17 @@ def select_edges(tree: Tree, advantages: torch.Tensor, cfg: PruningConfig, split
 
 
 def _timestep_subset(tree: Tree, keep: torch.Tensor, fraction: float,
-                     generator: torch.Generator | None) -> torch.Tensor:
+                     generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
     """Per root, a random ``int(T * fraction)`` of the eligible steps (DanceGRPO's random permutation)."""
     out = torch.zeros_like(keep)
     steps = tree.depth - 1
-    for r in torch.unique(tree.root).tolist():
+    roots = torch.nonzero(tree.parent < 0).flatten()
+    for r in roots.tolist():
+        gen = generator[int(tree.tree[r])] if isinstance(generator, (list, tuple)) else generator
         mine = keep & (tree.root == r)
         eligible = torch.unique(steps[mine])
         n = int(eligible.numel() * fraction)
-        chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:n]]
+        chosen = eligible[torch.randperm(eligible.numel(), generator=gen)[:n]]
         out |= mine & torch.isin(steps, chosen)
     return out
 

@@ -23,6 +23,7 @@ import torch
 
 from .advantage import AdvantageConfig, compute_advantages
 from .loss import OptimConfig, policy_update
+from .distributed import SingleProcess
 from .models.base import VelocityModel
 from .pruning import PruningConfig, active_depths, select_edges
 from .schedule import BranchSchedule
@@ -141,8 +142,12 @@ class BranchGRPOTrainer:
                  rewards: Sequence[Callable], decode: Callable[[torch.Tensor], torch.Tensor],
                  config: TrainerConfig, latent_shape: Sequence[int], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = (),
-                 keep_images: bool = False):
+                 keep_images: bool = False, dist: Any = None):
         config.validate()
+        self.dist = dist or SingleProcess()
+        if self.dist.world_size > 1 and config.optim.edges_per_step:
+            raise ValueError("TrainerConfig: optim.edges_per_step must be 0 (one optimizer step per iteration) "
+                             "in a distributed run, so every rank takes the same optimizer steps.")
         if not prompts:
             raise ValueError("TrainerConfig: the prompt list is empty; give at least one prompt.")
         if not rewards:
@@ -206,13 +211,17 @@ class BranchGRPOTrainer:
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict[str, float]:
-        cfg, it = self.config, self.iteration
+        cfg, it, dist = self.config, self.iteration, self.dist
+        # Tree slots of this iteration dealt round-robin to ranks; one generator per slot, so a tree
+        # is identical whichever rank samples it.
+        slots = list(range(cfg.prompts_per_iteration))[dist.rank::dist.world_size]
+        gens = [torch.Generator().manual_seed(_seed_for(cfg.seed, it, salt=101 + s)) for s in slots]
         gen = torch.Generator().manual_seed(_seed_for(cfg.seed, it))
-        idx = self.prompts_for(it)
-        prompts = [self.prompts[i] for i in idx]
+        all_idx = self.prompts_for(it)
+        prompts = [self.prompts[all_idx[s]] for s in slots]
         t0 = time.perf_counter()
         cond = self.model.encode(prompts)
-        tree = rollout(self.model, cond, len(prompts), cfg.schedule, self.latent_shape, generator=gen,
+        tree = rollout(self.model, cond, len(prompts), cfg.schedule, self.latent_shape, generator=gens,
                        iteration=it, max_batch=cfg.max_batch, device=self.device, dtype=self.dtype,
                        hook=self._hook)
         t1 = time.perf_counter()
@@ -223,11 +232,17 @@ class BranchGRPOTrainer:
         for cb in self.callbacks:
             cb.on_rollout_end(it, tree, combined, images)
         t2 = time.perf_counter()
-        adv = compute_advantages(tree, rewards, cfg.advantage, weights)
-        edges = select_edges(tree, adv, cfg.pruning, cfg.schedule.split_steps, it, cfg.iterations, gen)
+        batch_rewards = None
+        if dist.world_size > 1:
+            batch_rewards = torch.stack([dist.all_gather_cat(r) for r in rewards])
+        adv = compute_advantages(tree, rewards, cfg.advantage, weights, batch_rewards)
+        edges = select_edges(tree, adv, cfg.pruning, cfg.schedule.split_steps, it, cfg.iterations, gens)
         upd = policy_update(self.model, cond, tree, edges, adv, cfg.schedule, cfg.optim, self.optimizer,
                             self.params, generator=gen, device=self.device, dtype=self.dtype,
-                            reference=self.reference, hook=self._hook)
+                            reference=self.reference, hook=self._hook,
+                            dist=dist if dist.world_size > 1 else None)
+        if dist.world_size > 1:
+            combined = (torch.tensor(weights, dtype=torch.float64)[:, None] * batch_rewards).sum(0).float()
         t3 = time.perf_counter()
         self.iteration += 1
         n_leaves = tree.leaves.numel()
@@ -247,6 +262,9 @@ class BranchGRPOTrainer:
             for k, fn in enumerate(self.rewards):
                 metrics[f"reward/{getattr(fn, 'name', k)}"] = float(rewards[k].mean())
         metrics.update(upd)
+        if dist.world_size > 1:  # counts summed over ranks; the loss and ratios stay this rank's
+            for key in ("leaves", "edges_total", "nfe_rollout", "nfe_train", "edges_trained"):
+                metrics[key] = int(dist.all_reduce_sum(metrics[key]))
         self.history.append(metrics)
         self.last_tree, self.last_rewards = tree, combined
         for cb in self.callbacks:
@@ -285,7 +303,10 @@ class BranchGRPOTrainer:
         self.history = json.loads(state["history"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        atomic_torch_save(self.state_dict(), path)
+        """Written by the main process only (all ranks hold the same adapter and optimizer state)."""
+        if self.dist.is_main():
+            atomic_torch_save(self.state_dict(), path)
+        self.dist.barrier()
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -10,7 +10,7 @@ step ``d - 1``; roots have depth 0; leaves have depth ``num_steps``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -98,13 +98,16 @@ def evaluate_velocity(model: VelocityModel, x: torch.Tensor, sigma: torch.Tensor
 
 @torch.no_grad()
 def rollout(model: VelocityModel, cond: Any, num_prompts: int, schedule: BranchSchedule,
-            latent_shape: tuple[int, ...], *, generator: torch.Generator, iteration: int = 0,
+            latent_shape: tuple[int, ...], *, generator: torch.Generator | Sequence[torch.Generator],
+            iteration: int = 0,
             max_batch: int = 16, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
             init_noise: torch.Tensor | None = None, hook: ModelCallHook | None = None) -> Tree:
     """Sample one tree per prompt (``group_size`` roots each) and record every node and edge.
 
-    Randomness comes only from ``generator`` (a CPU generator: the same seed gives the same tree on
-    any device and for any ``max_batch``). Noise for a whole level is drawn at once, in node order.
+    Randomness comes only from ``generator``: CPU generators, so the same seed gives the same tree on
+    any device and for any ``max_batch``. Give one generator per tree to make each tree independent
+    of which other trees share the batch (or the process, in a distributed run); a single generator
+    is shared by all trees. Each tree's noise for a level is drawn at once, in node order.
     ``dtype`` is the model's compute dtype; latents and step arithmetic stay fp32.
     """
     device = torch.device(device)
@@ -112,8 +115,15 @@ def rollout(model: VelocityModel, cond: Any, num_prompts: int, schedule: BranchS
     sigma_one = float(sigmas[1]) if schedule.num_steps > 1 else None
     forks = schedule.branching_at()
     n_roots = num_prompts * schedule.group_size
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * num_prompts
+    if len(gens) != num_prompts:
+        raise ValueError(f"{len(gens)} generators for {num_prompts} trees")
+
+    def draw(per_tree: int) -> torch.Tensor:
+        return torch.cat([torch.randn((per_tree, *latent_shape), generator=g) for g in gens], dim=0)
+
     if init_noise is None:
-        init_noise = torch.randn((n_roots, *latent_shape), generator=generator)
+        init_noise = draw(schedule.group_size)
     x = init_noise.to(device=device, dtype=torch.float32)
     total_nfe = num_prompts * schedule.rollout_nfe()
 
@@ -138,7 +148,7 @@ def rollout(model: VelocityModel, cond: Any, num_prompts: int, schedule: BranchS
                                       schedule.sde if sde else "ode", schedule.eta, sigma_one)
         k = forks.get(i, 1)
         rep = torch.arange(width).repeat_interleave(k)
-        noise = torch.randn((width * k, *latent_shape), generator=generator).to(device)
+        noise = draw(width * k // num_prompts).to(device)
         mean_c, std_c = mean[rep.to(device)], std[rep.to(device)]
         is_fork = k > 1
         if sde:
