@@ -17,6 +17,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import comfy.model_management
 import comfy.model_patcher
@@ -106,12 +107,41 @@ def attach_lora(model_patcher, config: LoRAConfig, *, seed: int, device, dtype=t
     return mp, lora
 
 
+class _OutOfPlaceOnBlockInputs(TorchFunctionMode):
+    """Inside one transformer block with gradients on: in-place arithmetic (``x += y``, ``x.mul_(y)``) on the
+    block's input tensors, and on what such ops returned, is done out of place instead.
+
+    Some ComfyUI blocks update their inputs in place (FLUX: ``img += ...`` after ``img_norm1(img)`` saved
+    ``img`` for backward), which autograd refuses ("modified by an inplace operation") and which would
+    also corrupt checkpoint recomputation. ``x += y`` rebinds ``x``, so the result is the same value;
+    the caller's tensor is simply left untouched. Other tensors keep their in-place ops."""
+
+    INPLACE = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
+               torch.Tensor.div_: torch.div}
+
+    def __init__(self, inputs):
+        super().__init__()
+        self.keep = [a for a in inputs if isinstance(a, torch.Tensor)]  # ids stay unique while tracked
+        self.ids = {id(a) for a in self.keep}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = self.INPLACE.get(func)
+        if op is not None and args and id(args[0]) in self.ids:
+            out = op(*args, **kwargs)
+            if out.dtype != args[0].dtype:
+                out = out.to(args[0].dtype)
+            self.keep.append(out)
+            self.ids.add(id(out))
+            return out
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(model_patcher, enabled: bool):
-    """Checkpoint every block of the transformer's block lists while gradients are on; undone after."""
-    if not enabled:
-        yield 0
-        return
+    """While gradients are on, run every block of the transformer's block lists with in-place updates of its
+    inputs made out of place (see :class:`_OutOfPlaceOnBlockInputs`; needed for FLUX) and, if ``enabled``,
+    checkpointed. Undone after; blocks run unchanged without gradients (rollout, sampling)."""
     dm = model_patcher.model.diffusion_model
     patched = []
     for _, child in dm.named_children():
@@ -119,15 +149,21 @@ def gradient_checkpointing(model_patcher, enabled: bool):
             for block in child:
                 original = block.forward
 
-                def forward(*args, __orig=original, **kwargs):
-                    if torch.is_grad_enabled():
-                        return torch.utils.checkpoint.checkpoint(__orig, *args, use_reentrant=False, **kwargs)
-                    return __orig(*args, **kwargs)
+                def run(*args, __orig=original, **kwargs):
+                    with _OutOfPlaceOnBlockInputs(list(args) + list(kwargs.values())):
+                        return __orig(*args, **kwargs)
+
+                def forward(*args, __orig=original, __run=run, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return __orig(*args, **kwargs)
+                    if enabled:
+                        return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)
+                    return __run(*args, **kwargs)
 
                 block.forward = forward
                 patched.append(block)
     try:
-        yield len(patched)
+        yield len(patched) if enabled else 0
     finally:
         for block in patched:
             del block.forward
