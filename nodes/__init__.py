@@ -5,7 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .lora_io import SaveLoRANode
 from .plot import MetricsPlotNode
-from .rewards import WeightFreeRewardNode
+from .rewards import REWARD_NODES
 from .sampler import TreeSamplerNode
 from .settings import BranchScheduleNode, PromptsNode, PruningNode, TreeAdvantageNode
 from .tiny_model import TinyFlowModelLoaderNode
@@ -13,7 +13,7 @@ from .trainer import TrainerNode
 
 NODES: list[type[io.ComfyNode]] = [
     BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, SaveLoRANode,
-    MetricsPlotNode, WeightFreeRewardNode,
+    MetricsPlotNode, *REWARD_NODES,
     TinyFlowModelLoaderNode,
 ]
 
