@@ -48,7 +48,7 @@ from . import types as T
 log = logging.getLogger(__name__)
 
 FOLDER = "reward_models"
-NONE_FOUND = "(no weights found - see tooltip)"
+MISSING_PREFIX = "(missing) "
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 MAX_MIX = 4
 
@@ -75,18 +75,8 @@ def reward_dirs() -> List[str]:
     return folder_paths.get_folder_paths(FOLDER)
 
 
-def weight_files() -> List[str]:
-    try:
-        files = folder_paths.get_filename_list(FOLDER)
-    except KeyError:
-        files = []
-    return sorted(f for f in files if os.path.splitext(f)[1].lower() in WEIGHT_EXTENSIONS)
-
-
-def model_folders(hf_repos=()) -> List[str]:
-    """Sub-folders (up to two levels) of the reward_models folders that hold a config.json, plus
-    ``hf:<repo>`` for each of ``hf_repos`` present in the local hub cache."""
-    found = []
+def _model_folder_paths() -> List[str]:
+    out = []
     for base in reward_dirs():
         if not os.path.isdir(base):
             continue
@@ -97,22 +87,43 @@ def model_folders(hf_repos=()) -> List[str]:
                 dirs[:] = []
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             if depth and "config.json" in files:
-                found.append(rel.replace(os.sep, "/"))
-    found = sorted(set(found))
-    found += [f"hf:{r}" for r in hf_repos if hf_cache_snapshot(r) is not None]
-    return found
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(set(out))
 
 
-def _options(items: List[str]) -> List[str]:
-    return items if items else [NONE_FOUND]
+def weight_files() -> List[str]:
+    """Checkpoint files in the reward_models folders, except those inside Hugging Face model folders."""
+    try:
+        files = folder_paths.get_filename_list(FOLDER)
+    except KeyError:
+        files = []
+    folders = _model_folder_paths()
+    return sorted(f for f in files if os.path.splitext(f)[1].lower() in WEIGHT_EXTENSIONS
+                  and not any(f.startswith(d + "/") for d in folders))
 
 
-def _default(items: List[str], preferred) -> str:
-    for p in preferred:
+def model_folders(hf_repos=()) -> List[str]:
+    """Sub-folders (up to two levels) of the reward_models folders that hold a config.json, plus
+    ``hf:<repo>`` for each of ``hf_repos`` present in the local hub cache."""
+    return _model_folder_paths() + [f"hf:{r}" for r in hf_repos if r and hf_cache_snapshot(r) is not None]
+
+
+def _matches(item: str, name: str) -> bool:
+    return item == name or item.endswith("/" + name)
+
+
+def choices(items: List[str], card_key: str) -> tuple:
+    """(options, default) for a combo: the canonical name first if present; if no canonical name is
+    present, a ``(missing) <name>`` entry first, which fails validation with the full explanation."""
+    card = MODEL_CARDS[card_key]
+    for name in card.files:
         for it in items:
-            if it == p or it.endswith("/" + p):
-                return it
-    return items[0] if items else NONE_FOUND
+            if _matches(it, name):
+                return items, it
+    if card.hf_repo and f"hf:{card.hf_repo}" in items:
+        return items, f"hf:{card.hf_repo}"
+    missing = MISSING_PREFIX + card.files[0]
+    return [missing] + items, missing
 
 
 def _files_tooltip(card_key: str, what: str) -> str:
@@ -226,7 +237,7 @@ def _reward_output():
 
 
 def _check_choice(node: str, field: str, value: str, card_key: str) -> Optional[str]:
-    if value in (None, "", NONE_FOUND):
+    if value in (None, "") or str(value).startswith(MISSING_PREFIX):
         return (f"{node}: {field} — no weights selected. "
                 + missing_weights_message(card_key, reward_dirs()))
     return None
@@ -236,7 +247,7 @@ def _stat_key(*rel: str) -> tuple:
     """Size and mtime of the selected files/folders (ComfyUI re-runs the loader when they change)."""
     out = []
     for r in rel:
-        if not r or r == NONE_FOUND:
+        if not r or r.startswith(MISSING_PREFIX):
             out.append(None)
         elif r.startswith("hf:"):
             snap = hf_cache_snapshot(r[3:])
@@ -287,10 +298,12 @@ class _LoaderBase(io.ComfyNode):
     FIELDS: tuple = ()
 
     @classmethod
-    def validate_inputs(cls, **kwargs):
+    def _validate(cls, **values):
+        """Checked when the prompt is queued, before any node runs. (Subclasses name their fields in
+        ``validate_inputs`` so ComfyUI attaches the message to that input only.)"""
         for field, card in cls.FIELDS:
-            if field in kwargs:
-                msg = _check_choice(cls.NODE, field, kwargs[field], card)
+            if field in values:
+                msg = _check_choice(cls.NODE, field, values[field], card)
                 if msg:
                     return msg
         return True
@@ -306,8 +319,12 @@ class ImageRewardLoaderNode(_LoaderBase):
     FIELDS = (("checkpoint", "imagereward"),)
 
     @classmethod
+    def validate_inputs(cls, checkpoint):
+        return cls._validate(checkpoint=checkpoint)
+
+    @classmethod
     def define_schema(cls):
-        files = weight_files()
+        options, default = choices(weight_files(), "imagereward")
         return io.Schema(
             node_id="BranchGRPOImageRewardLoader", display_name="ImageReward Loader (BranchGRPO)",
             category=T.CATEGORY + "/rewards",
@@ -315,8 +332,7 @@ class ImageRewardLoaderNode(_LoaderBase):
                         "of an image for its prompt, roughly standard-normal (higher is better). Differentiable. "
                         "Loads ImageReward.pt from models/reward_models with every key checked; the BLIP config and "
                         "the BERT vocabulary ship with the pack. ~450 M parameters (0.9 GB fp16).",
-            inputs=[io.Combo.Input("checkpoint", options=_options(files),
-                                   default=_default(files, MODEL_CARDS["imagereward"].files),
+            inputs=[io.Combo.Input("checkpoint", options=options, default=default,
                                    tooltip=_files_tooltip("imagereward", "The ImageReward checkpoint")
                                    + " A med_config.json / vocab.txt beside it overrides the shipped ones.")]
                    + _common_inputs(),
@@ -340,8 +356,12 @@ class HPSLoaderNode(_LoaderBase):
     FIELDS = (("checkpoint", "hps_v2.1"),)
 
     @classmethod
+    def validate_inputs(cls, checkpoint):
+        return cls._validate(checkpoint=checkpoint)
+
+    @classmethod
     def define_schema(cls):
-        files = weight_files()
+        options, default = choices(weight_files(), "hps_v2.1")
         return io.Schema(
             node_id="BranchGRPOHPSLoader", display_name="HPS v2.1 Loader (BranchGRPO)",
             category=T.CATEGORY + "/rewards",
@@ -349,8 +369,7 @@ class HPSLoaderNode(_LoaderBase):
                         "fine-tuned on human preferences; typically 0.2-0.35, higher is better. Differentiable. "
                         "Builds the ViT-H-14 architecture with open-clip-torch (no download) and loads "
                         "HPS_v2.1_compressed.pt with every key checked. ~990 M parameters (2 GB fp16).",
-            inputs=[io.Combo.Input("checkpoint", options=_options(files),
-                                   default=_default(files, MODEL_CARDS["hps_v2.1"].files),
+            inputs=[io.Combo.Input("checkpoint", options=options, default=default,
                                    tooltip=_files_tooltip("hps_v2.1", "The HPS v2.1 checkpoint"))]
                    + _common_inputs(),
             outputs=[_reward_output()],
@@ -376,8 +395,12 @@ class PickScoreLoaderNode(_LoaderBase):
     FIELDS = (("model", "pickscore"),)
 
     @classmethod
+    def validate_inputs(cls, model):
+        return cls._validate(model=model)
+
+    @classmethod
     def define_schema(cls):
-        folders = model_folders([MODEL_CARDS["pickscore"].hf_repo])
+        options, default = choices(model_folders([MODEL_CARDS["pickscore"].hf_repo]), "pickscore")
         procs = model_folders(["laion/CLIP-ViT-H-14-laion2B-s32B-b79K"])
         return io.Schema(
             node_id="BranchGRPOPickScoreLoader", display_name="PickScore Loader (BranchGRPO)",
@@ -386,7 +409,7 @@ class PickScoreLoaderNode(_LoaderBase):
                         "cosine (typically 18-23, higher is better). Differentiable. Loads a local PickScore_v1 "
                         "folder (transformers CLIPModel, every key checked). ~990 M parameters (2 GB fp16).",
             inputs=[
-                io.Combo.Input("model", options=_options(folders), default=_default(folders, ["PickScore_v1"]),
+                io.Combo.Input("model", options=options, default=default,
                                tooltip=_files_tooltip("pickscore", "The PickScore model folder (config.json + "
                                                       "model.safetensors or pytorch_model.bin)")),
                 io.Combo.Input("processor", options=[AUTO_PROCESSOR] + procs, default=AUTO_PROCESSOR,
@@ -404,7 +427,7 @@ class PickScoreLoaderNode(_LoaderBase):
         msg = _check_choice(cls.NODE, "model", model, cls.CARD)
         if msg:
             raise ValueError(msg)
-        proc = None if processor in (AUTO_PROCESSOR, NONE_FOUND, "") else processor
+        proc = None if processor in (AUTO_PROCESSOR, "") else processor
         load = lambda **kw: load_pickscore(model, proc, **kw)  # noqa: E731
         return io.NodeOutput(_load(cls.NODE, "model", "pickscore", load, dtype, batch_size, max_frames,
                                    temporal_weight, _stat_key(model, proc or "")))
@@ -416,8 +439,12 @@ class CLIPScoreLoaderNode(_LoaderBase):
     FIELDS = (("model", "clip"),)
 
     @classmethod
+    def validate_inputs(cls, model):
+        return cls._validate(model=model)
+
+    @classmethod
     def define_schema(cls):
-        folders = model_folders([MODEL_CARDS["clip"].hf_repo])
+        options, default = choices(model_folders([MODEL_CARDS["clip"].hf_repo]), "clip")
         return io.Schema(
             node_id="BranchGRPOCLIPScoreLoader", display_name="CLIP Score Loader (BranchGRPO)",
             category=T.CATEGORY + "/rewards",
@@ -425,8 +452,7 @@ class CLIPScoreLoaderNode(_LoaderBase):
                         "for a matching pair; x100 for torchmetrics' scale). Differentiable. Loads a local "
                         "transformers CLIP folder (default openai/clip-vit-large-patch14, ~430 M parameters, "
                         "0.9 GB fp16), every key checked.",
-            inputs=[io.Combo.Input("model", options=_options(folders),
-                                   default=_default(folders, ["clip-vit-large-patch14"]),
+            inputs=[io.Combo.Input("model", options=options, default=default,
                                    tooltip=_files_tooltip("clip", "The CLIP model folder (config.json + weights "
                                                           "+ tokenizer files)"))] + _common_inputs(),
             outputs=[_reward_output()],
@@ -449,9 +475,13 @@ class AestheticLoaderNode(_LoaderBase):
     FIELDS = (("checkpoint", "aesthetic"), ("clip", "clip"))
 
     @classmethod
+    def validate_inputs(cls, checkpoint, clip):
+        return cls._validate(checkpoint=checkpoint, clip=clip)
+
+    @classmethod
     def define_schema(cls):
-        files = weight_files()
-        folders = model_folders([MODEL_CARDS["clip"].hf_repo])
+        options, default = choices(weight_files(), "aesthetic")
+        clip_options, clip_default = choices(model_folders([MODEL_CARDS["clip"].hf_repo]), "clip")
         return io.Schema(
             node_id="BranchGRPOAestheticLoader", display_name="Aesthetic Loader (BranchGRPO)",
             category=T.CATEGORY + "/rewards",
@@ -460,10 +490,9 @@ class AestheticLoaderNode(_LoaderBase):
                         "Needs the MLP file (3.7 MB) and the CLIP ViT-L/14 folder (shared with CLIP Score when "
                         "both use the same folder; ~0.9 GB fp16).",
             inputs=[
-                io.Combo.Input("checkpoint", options=_options(files),
-                               default=_default(files, MODEL_CARDS["aesthetic"].files),
+                io.Combo.Input("checkpoint", options=options, default=default,
                                tooltip=_files_tooltip("aesthetic", "The aesthetic MLP")),
-                io.Combo.Input("clip", options=_options(folders), default=_default(folders, ["clip-vit-large-patch14"]),
+                io.Combo.Input("clip", options=clip_options, default=clip_default,
                                tooltip=_files_tooltip("clip", "The CLIP ViT-L/14 folder for the image embeddings")),
             ] + _common_inputs(),
             outputs=[_reward_output()],

@@ -1,0 +1,140 @@
+"""Reward nodes inside a REAL ComfyUI server: tiny weights written into ``models/reward_models``,
+loaded by the loader nodes, scored by Score Images (alone and through Reward Mix).
+
+Needs scripts/setup_dev.sh (skipped otherwise, see conftest.py).
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import tiny_rewards as tr
+from comfy_server import ComfyQueueError
+from branchgrpo.rewards import RewardMix, make_reward
+
+NODE_IDS = ["BranchGRPOImageRewardLoader", "BranchGRPOHPSLoader", "BranchGRPOPickScoreLoader",
+            "BranchGRPOCLIPScoreLoader", "BranchGRPOAestheticLoader", "BranchGRPORewardMix", "BranchGRPOScoreImages",
+            "BranchGRPOWeightFreeReward"]
+COMMON = {"dtype": "fp32", "batch_size": 8, "max_frames": 0, "temporal_weight": 0.0}
+COLOR = 0xFF8822
+
+
+@pytest.fixture(scope="module")
+def reward_files(comfy_base):
+    return tr.write_all_tiny_rewards(comfy_base / "models" / "reward_models")
+
+
+def _image():
+    """What the stock EmptyImage node makes: [1, 40, 48, 3] of COLOR."""
+    rgb = torch.tensor([(COLOR >> 16) & 0xFF, (COLOR >> 8) & 0xFF, COLOR & 0xFF], dtype=torch.float32) / 255.0
+    return rgb.expand(1, 40, 48, 3).clone()
+
+
+def _texts(entry, node):
+    return entry["outputs"][node]["text"]
+
+
+def _scores(entry, node):
+    lines = _texts(entry, node)[0].splitlines()
+    return [float(ln.split(":")[1]) for ln in lines if re.match(r"(image|video) \d+: ", ln)]
+
+
+def test_nodes_are_registered_with_tooltips(comfy, reward_files):
+    info = comfy.object_info()
+    for nid in NODE_IDS:
+        assert nid in info, nid
+        node = info[nid]
+        assert node.get("description"), nid
+        for section in ("required", "optional"):
+            for name, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{nid}.{name} has no tooltip"
+        assert all(node.get("output_tooltips") or [None]), nid
+    clip_opts = info["BranchGRPOCLIPScoreLoader"]["input"]["required"]["model"][1].get("options") \
+        or info["BranchGRPOCLIPScoreLoader"]["input"]["required"]["model"][0]
+    assert "clip-vit-large-patch14" in clip_opts and "PickScore_v1" in clip_opts
+    files = info["BranchGRPOAestheticLoader"]["input"]["required"]["checkpoint"][1].get("options") \
+        or info["BranchGRPOAestheticLoader"]["input"]["required"]["checkpoint"][0]
+    assert "sac+logos+ava1-l14-linearMSE.pth" in files and "ImageReward/ImageReward.pt" in files
+    assert not any(f.startswith(("PickScore_v1/", "clip-vit-large-patch14/")) for f in files)  # folder models
+
+
+def test_score_images_and_reward_mix_in_comfyui(comfy, reward_files):
+    graph = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1, "color": COLOR}},
+        "clip": {"class_type": "BranchGRPOCLIPScoreLoader", "inputs": {"model": "clip-vit-large-patch14", **COMMON}},
+        "aes": {"class_type": "BranchGRPOAestheticLoader",
+                "inputs": {"checkpoint": "sac+logos+ava1-l14-linearMSE.pth", "clip": "clip-vit-large-patch14",
+                           **COMMON}},
+        "ir": {"class_type": "BranchGRPOImageRewardLoader",
+               "inputs": {"checkpoint": "ImageReward/ImageReward.pt", **COMMON}},
+        "mix": {"class_type": "BranchGRPORewardMix",
+                "inputs": {"reward_1": ["clip", 0], "weight_1": 1.0, "reward_2": ["aes", 0], "weight_2": 0.5,
+                           "weight_3": 1.0, "weight_4": 1.0, "aggregation": "advantage_sum"}},
+        "s_clip": {"class_type": "BranchGRPOScoreImages",
+                   "inputs": {"images": ["img", 0], "reward": ["clip", 0], "prompt": "an orange square",
+                              "as_video": False}},
+        "s_ir": {"class_type": "BranchGRPOScoreImages",
+                 "inputs": {"images": ["img", 0], "reward": ["ir", 0], "prompt": "an orange square",
+                            "as_video": False}},
+        "s_mix": {"class_type": "BranchGRPOScoreImages",
+                  "inputs": {"images": ["img", 0], "reward": ["mix", 0], "prompt": "an orange square",
+                             "as_video": False}},
+    }
+    entry = comfy.run(graph, timeout=240)
+    assert entry["status"]["status_str"] == "success"
+    d = reward_files["aesthetic"].parent
+    x = _image()
+    clip = make_reward("clip_score", search_dirs=[d])
+    aes = make_reward("aesthetic", search_dirs=[d])
+    ir = make_reward("imagereward", "ImageReward/ImageReward.pt", search_dirs=[d])
+    want_clip = float(clip(x, "an orange square")[0])
+    want_mix = float(RewardMix([clip, aes], [1.0, 0.5])(x, "an orange square")[0])
+    assert _scores(entry, "s_clip") == pytest.approx([want_clip], abs=2e-5)
+    assert _scores(entry, "s_ir") == pytest.approx([float(ir(x, "an orange square")[0])], abs=2e-5)
+    assert _scores(entry, "s_mix") == pytest.approx([want_mix], abs=2e-5)
+    assert "advantage_sum" in _texts(entry, "mix")[0]
+    log = comfy.server.log_path.read_text(errors="replace")
+    assert "Requested to load _Holder" in log  # scorer weights go through ComfyUI's model management
+
+
+def test_score_images_as_video_and_per_line_prompts(comfy, reward_files):
+    graph = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": COLOR}},
+        "clip": {"class_type": "BranchGRPOCLIPScoreLoader",
+                 "inputs": {"model": "clip-vit-large-patch14", **{**COMMON, "temporal_weight": 1.0}}},
+        "video": {"class_type": "BranchGRPOScoreImages",
+                  "inputs": {"images": ["img", 0], "reward": ["clip", 0], "prompt": "a cube", "as_video": True}},
+        "lines": {"class_type": "BranchGRPOScoreImages",
+                  "inputs": {"images": ["img", 0], "reward": ["clip", 0], "prompt": "a cube\na sphere",
+                             "as_video": False}},
+    }
+    entry = comfy.run(graph, timeout=120)
+    d = reward_files["clip"].parent
+    clip = make_reward("clip_score", search_dirs=[d], temporal_weight=1.0)
+    x = _image()[:, :32, :32].expand(2, 32, 32, 3)
+    assert _scores(entry, "video") == pytest.approx([float(clip(x[None], "a cube")[0])], abs=2e-5)
+    assert _scores(entry, "lines") == pytest.approx([float(v) for v in clip(x, ["a cube", "a sphere"])], abs=2e-5)
+    # a static "video" gets the full temporal bonus of 1
+    assert _scores(entry, "video")[0] == pytest.approx(float(clip(x[:1], "a cube")[0]) + 1.0, abs=2e-5)
+
+
+def test_missing_weights_fail_at_queue_time_with_the_expected_files(comfy, reward_files):
+    info = comfy.object_info("BranchGRPOHPSLoader")["BranchGRPOHPSLoader"]
+    spec = info["input"]["required"]["checkpoint"]
+    options = spec[1].get("options") or spec[0]
+    placeholder = [o for o in options if o.startswith("(missing)")]
+    assert placeholder == ["(missing) HPS_v2.1_compressed.pt"], options  # no HPS file in reward_models
+    assert spec[1]["default"] == placeholder[0]
+    graph = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+        "hps": {"class_type": "BranchGRPOHPSLoader", "inputs": {"checkpoint": placeholder[0], **COMMON}},
+        "s": {"class_type": "BranchGRPOScoreImages",
+              "inputs": {"images": ["img", 0], "reward": ["hps", 0], "prompt": "x", "as_video": False}},
+    }
+    with pytest.raises(ComfyQueueError) as err:
+        comfy.queue(graph)
+    text = str(err.value.body)
+    for needle in ("HPS v2.1 Loader", "checkpoint", "HPS_v2.1_compressed.pt", "reward_models", "xswu/HPSv2"):
+        assert needle in text, needle
