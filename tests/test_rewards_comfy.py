@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny_rewards as tr
-from comfy_server import ComfyQueueError
+from comfy_server import COMFY_DIR, REPO_ROOT, VENV_PYTHON, ComfyQueueError, comfy_missing_reason
 from branchgrpo.rewards import RewardMix, make_reward
 
 NODE_IDS = ["BranchGRPOImageRewardLoader", "BranchGRPOHPSLoader", "BranchGRPOPickScoreLoader",
@@ -138,3 +138,56 @@ def test_missing_weights_fail_at_queue_time_with_the_expected_files(comfy, rewar
     text = str(err.value.body)
     for needle in ("HPS v2.1 Loader", "checkpoint", "HPS_v2.1_compressed.pt", "reward_models", "xswu/HPSv2"):
         assert needle in text, needle
+
+
+# In a separate process with ComfyUI's modules (no server): the loaders' memory contract.
+RELEASE_SCRIPT = r'''
+import gc, importlib, importlib.util, sys, types, weakref
+from pathlib import Path
+REPO = Path(sys.argv[1]); BASE = Path(sys.argv[2])
+sys.path.insert(0, sys.argv[3]); sys.path.insert(1, str(REPO / "tests")); sys.path.append(str(REPO))
+from comfy.cli_args import args
+args.cpu = True
+import folder_paths
+folder_paths.models_dir = str(BASE / "models")
+import torch
+import comfy.model_management as mm
+pkg = types.ModuleType("branchgrpo_pack"); pkg.__path__ = [str(REPO)]; sys.modules["branchgrpo_pack"] = pkg
+sub = types.ModuleType("branchgrpo_pack.nodes"); sub.__path__ = [str(REPO / "nodes")]; sys.modules["branchgrpo_pack.nodes"] = sub
+R = importlib.import_module("branchgrpo_pack.nodes.rewards")
+import tiny_rewards as tr
+tr.write_tiny_clip(BASE / "models" / "reward_models" / "clip-vit-large-patch14")
+tr.write_tiny_aesthetic(BASE / "models" / "reward_models")
+kw = dict(dtype="auto", batch_size=4, max_frames=0, temporal_weight=0.0)
+reward = R.CLIPScoreLoaderNode.execute(model="clip-vit-large-patch14", **kw).args[0]
+aes = R.AestheticLoaderNode.execute(checkpoint="sac+logos+ava1-l14-linearMSE.pth", clip="clip-vit-large-patch14", **kw).args[0]
+assert aes.scorer.clip is reward.scorer.model, "CLIP not shared"
+assert aes.patchers[0] is reward.patchers[0], "one ModelPatcher per shared module"
+x = torch.rand(2, 32, 32, 3)
+a = reward(x, "a cat"); b = aes(x)
+loaded = [lm.model for lm in mm.current_loaded_models]
+assert reward.patchers[0] in loaded and aes.patchers[1] in loaded
+again = R.CLIPScoreLoaderNode.execute(model="clip-vit-large-patch14", **{**kw, "batch_size": 1}).args[0]
+assert again.scorer.model is reward.scorer.model and again.batch_size == 1 and reward.batch_size == 4
+assert torch.allclose(again(x, "a cat"), a)
+ref = weakref.ref(reward.scorer.model)
+del reward, aes, again, loaded
+mm.unload_all_models(); gc.collect(); mm.cleanup_models()
+assert ref() is None, gc.get_referrers(ref())
+assert not any(lm.real_model() is not None for lm in mm.current_loaded_models)
+print("RELEASED-OK")
+'''
+
+
+@pytest.mark.skipif(comfy_missing_reason() is not None, reason=str(comfy_missing_reason()))
+def test_scorers_are_shared_managed_by_comfy_and_released(tmp_path):
+    """Two loaders on the same CLIP folder share one module and one ModelPatcher; scoring registers it
+    with comfy.model_management; a different batch size is a view on the same weights; once no output
+    holds the scorer, unload_all_models + gc frees it (the weak cache does not keep it alive)."""
+    import subprocess
+    script = tmp_path / "release.py"
+    script.write_text(RELEASE_SCRIPT)
+    assert (COMFY_DIR / "main.py").is_file()
+    proc = subprocess.run([str(VENV_PYTHON), str(script), str(REPO_ROOT), str(tmp_path / "base"), str(COMFY_DIR)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert "RELEASED-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
