@@ -191,8 +191,16 @@ class ComfyManagedReward:
         self.patchers = [patcher_for(m) for m in scorer.modules()]
 
     def __call__(self, images: torch.Tensor, prompts=None, grad: bool = False) -> torch.Tensor:
-        _mm().load_models_gpu(self.patchers, force_full_load=True)
-        return self.scorer(images, prompts, grad=grad)
+        if not grad:
+            _mm().load_models_gpu(self.patchers, force_full_load=True)
+            return self.scorer(images, prompts)
+        # Gradients to the pixels: ComfyUI runs nodes under torch.inference_mode, and weights moved there
+        # become inference tensors, which autograd cannot save for backward.
+        with torch.inference_mode(False):
+            _mm().load_models_gpu(self.patchers, force_full_load=True)
+            for m in self.scorer.modules():
+                normal_tensors_(m)
+            return self.scorer(images, prompts, grad=True)
 
     def __getattr__(self, name):
         if name in ("scorer", "patchers") or name.startswith("__"):
@@ -201,6 +209,23 @@ class ComfyManagedReward:
 
     def __repr__(self) -> str:
         return f"ComfyManagedReward({self.scorer!r})"
+
+
+def normal_tensors_(module: torch.nn.Module) -> int:
+    """Replace inference-mode parameters/buffers of ``module`` by normal tensors (same values, frozen).
+    Returns how many were replaced."""
+    n = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    n += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    n += 1
+    return n
 
 
 def _view(base, batch_size: int, max_frames: int, temporal_weight: float):
@@ -275,8 +300,9 @@ def _load(node: str, field: str, kind: str, load: Callable, dtype: str, batch_si
     torch_dtype = resolve_dtype(dtype, load_device)
     cache_key = ("comfy", kind) + key + (str(load_device), str(offload), str(torch_dtype))
     try:
-        base = cached(cache_key, lambda: load(device=offload, dtype=torch_dtype, search_dirs=reward_dirs(),
-                                              where=node))
+        with torch.inference_mode(False):  # normal tensors: usable with autograd (grad=True) later
+            base = cached(cache_key, lambda: load(device=offload, dtype=torch_dtype, search_dirs=reward_dirs(),
+                                                  where=node))
     except WeightsNotFoundError as e:
         raise ValueError(f"{node}: {field} — {e}") from None
     except RewardLoadError as e:

@@ -170,6 +170,19 @@ assert reward.patchers[0] in loaded and aes.patchers[1] in loaded
 again = R.CLIPScoreLoaderNode.execute(model="clip-vit-large-patch14", **{**kw, "batch_size": 1}).args[0]
 assert again.scorer.model is reward.scorer.model and again.batch_size == 1 and reward.batch_size == 4
 assert torch.allclose(again(x, "a cat"), a)
+# as inside ComfyUI: a loader and a scoring node run under torch.inference_mode; weights moved there
+# become inference tensors; a grad=True call (trainer, inference_mode(False)) must still reach the pixels
+with torch.inference_mode():
+    r2 = R.CLIPScoreLoaderNode.execute(model="clip-vit-large-patch14", **kw).args[0]
+    assert not any(p.is_inference() for p in r2.scorer.model.parameters())
+    r2(x, "a cat")
+    r2.scorer.model._apply(lambda t: t.clone())
+assert any(p.is_inference() for p in r2.scorer.model.parameters())
+with torch.inference_mode(False), torch.enable_grad():
+    xg = x.clone().requires_grad_(True)
+    r2(xg, "a cat", grad=True).sum().backward()
+assert float(xg.grad.abs().sum()) > 0
+del r2
 ref = weakref.ref(reward.scorer.model)
 del reward, aes, again, loaded
 mm.unload_all_models(); gc.collect(); mm.cleanup_models()
