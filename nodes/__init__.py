@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from .lora_io import SaveLoRANode
 from .plot import MetricsPlotNode
 from .rewards import REWARD_NODES
+from . import routes  # noqa: F401  (registers GET /branchgrpo/runs/{run}, read by web/branchgrpo.js)
 from .sampler import TreeSamplerNode
 from .settings import BranchScheduleNode, PromptsNode, PruningNode, TreeAdvantageNode
 from .tiny_model import TinyFlowModelLoaderNode
