@@ -8,6 +8,7 @@ guards, and the real architectures' key sets (built on the meta device or withou
 from __future__ import annotations
 
 import json
+import math
 import socket
 import sys
 import warnings
@@ -353,6 +354,12 @@ def test_imagereward_builder_matches_the_official_constructor():
     mine = build_imagereward(MED_CONFIG, vision, tok)
     msd = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
     assert msd == osd and len(msd) == 625
+    # BERT-base with cross-attention to the 1024-wide ViT-L tokens (REWARDS.md: 303 M + 142 M parameters)
+    assert msd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"] == (768, 1024)
+    assert msd["blip.text_encoder.embeddings.word_embeddings.weight"] == (30524, 768)
+    assert msd["mlp.layers.0.weight"] == (1024, 768) and msd["mlp.layers.7.weight"] == (1, 16)
+    count = lambda prefix: sum(math.prod(s) for k, s in msd.items() if k.startswith(prefix))  # noqa: E731
+    assert 302e6 < count("blip.visual_encoder.") < 305e6 and 141e6 < count("blip.text_encoder.") < 143e6
 
 
 # ---------------------------------------------------------- ImageReward compat ---
@@ -428,3 +435,54 @@ def test_clip_tokenizer_from_open_clip_matches_open_clip_ids():
     ref = open_clip.get_tokenizer("ViT-H-14")(prompts)
     real = ref != 0  # open_clip pads with 0, transformers with <|endoftext|>
     assert torch.equal(ours[real], ref[real]) and len(tok) == 49408
+
+
+# ------------------------------------------------------ reference inference paths ---
+
+def _pil(x):
+    from PIL import Image
+    return Image.fromarray((x * 255).round().to(torch.uint8).numpy())
+
+
+def test_imagereward_matches_the_packages_own_score(scorers):
+    """The package's own PIL-based ``ImageReward.score(prompt, image)`` (running on transformers 5 through
+    the shims) gives the same number as our batched tensor path (at the model's size: no resampling)."""
+    s = scorers["imagereward"]
+    x = (tr.tiny_images(2, size=tr.TINY_IMAGE_SIZE, seed=7) * 255).round() / 255
+    ours = s(x, ["a cat", "a red house"])
+    ref = [s.model.score(p, _pil(img)) for p, img in zip(["a cat", "a red house"], x)]
+    assert ours.tolist() == pytest.approx(ref, abs=1e-5)
+
+
+def test_pickscore_matches_transformers_processor_path(scorers, tiny_dir):
+    """Reference PickScore code: CLIPProcessor -> get_*_features -> normalise -> logit_scale.exp() * dot."""
+    from transformers import CLIPImageProcessor
+    s = scorers["pickscore"]
+    folder = tiny_dir[1]["pickscore"]
+    proc = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    x = (tr.tiny_images(2, size=tr.TINY_IMAGE_SIZE, seed=8) * 255).round() / 255
+    prompts = ["a cat", "a red house"]
+    with torch.no_grad():
+        px = proc(images=[_pil(i) for i in x], return_tensors="pt").pixel_values
+        ids = s.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        from branchgrpo.rewards.clip_models import _embeds
+        img = _embeds(s.model.get_image_features(pixel_values=px))
+        txt = _embeds(s.model.get_text_features(**ids))
+        img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+        ref = s.model.logit_scale.exp() * (img * txt).sum(-1)
+    assert torch.allclose(s(x, prompts), ref, atol=1e-4)
+
+
+def test_hps_matches_open_clip_transform_path(scorers):
+    import open_clip
+    s = scorers["hps_v2.1"]
+    _, _, preprocess = open_clip.create_model_and_transforms(tr.TINY_OPEN_CLIP, pretrained=None, load_weights=False,
+                                                             pretrained_text=False)
+    x = (tr.tiny_images(2, size=tr.TINY_IMAGE_SIZE, seed=9) * 255).round() / 255
+    prompts = ["a cat", "a red house"]
+    with torch.no_grad():
+        px = torch.stack([preprocess(_pil(i)) for i in x])
+        img = s.model.encode_image(px, normalize=True)
+        txt = s.model.encode_text(s.tokenizer(prompts), normalize=True)
+        ref = (img * txt).sum(-1)
+    assert torch.allclose(s(x, prompts), ref, atol=1e-5)
