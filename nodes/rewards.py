@@ -31,7 +31,6 @@ import copy
 import logging
 import os
 import weakref
-from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch

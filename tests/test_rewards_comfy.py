@@ -153,14 +153,16 @@ folder_paths.models_dir = str(BASE / "models")
 import torch
 import comfy.model_management as mm
 pkg = types.ModuleType("branchgrpo_pack"); pkg.__path__ = [str(REPO)]; sys.modules["branchgrpo_pack"] = pkg
-sub = types.ModuleType("branchgrpo_pack.nodes"); sub.__path__ = [str(REPO / "nodes")]; sys.modules["branchgrpo_pack.nodes"] = sub
+sub = types.ModuleType("branchgrpo_pack.nodes"); sub.__path__ = [str(REPO / "nodes")]
+sys.modules["branchgrpo_pack.nodes"] = sub
 R = importlib.import_module("branchgrpo_pack.nodes.rewards")
 import tiny_rewards as tr
 tr.write_tiny_clip(BASE / "models" / "reward_models" / "clip-vit-large-patch14")
 tr.write_tiny_aesthetic(BASE / "models" / "reward_models")
 kw = dict(dtype="auto", batch_size=4, max_frames=0, temporal_weight=0.0)
 reward = R.CLIPScoreLoaderNode.execute(model="clip-vit-large-patch14", **kw).args[0]
-aes = R.AestheticLoaderNode.execute(checkpoint="sac+logos+ava1-l14-linearMSE.pth", clip="clip-vit-large-patch14", **kw).args[0]
+aes = R.AestheticLoaderNode.execute(checkpoint="sac+logos+ava1-l14-linearMSE.pth", clip="clip-vit-large-patch14",
+                                    **kw).args[0]
 assert aes.scorer.clip is reward.scorer.model, "CLIP not shared"
 assert aes.patchers[0] is reward.patchers[0], "one ModelPatcher per shared module"
 x = torch.rand(2, 32, 32, 3)
