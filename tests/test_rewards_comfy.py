@@ -206,3 +206,50 @@ def test_scorers_are_shared_managed_by_comfy_and_released(tmp_path):
     proc = subprocess.run([str(VENV_PYTHON), str(script), str(REPO_ROOT), str(tmp_path / "base"), str(COMFY_DIR)],
                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert "RELEASED-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+YAML_SCRIPT = r'''
+import importlib, sys, types
+from pathlib import Path
+REPO = Path(sys.argv[1]); BASE = Path(sys.argv[2])
+sys.path.insert(0, sys.argv[3]); sys.path.insert(1, str(REPO / "tests")); sys.path.append(str(REPO))
+from comfy.cli_args import args
+args.cpu = True
+import folder_paths
+folder_paths.models_dir = str(BASE / "models")
+import utils.extra_config
+shared = BASE / "shared"
+BASE.mkdir(parents=True, exist_ok=True)
+(BASE / "extra.yaml").write_text(f"shared:\n  base_path: {shared}\n  reward_models: my_rewards\n")
+utils.extra_config.load_extra_path_config(str(BASE / "extra.yaml"))  # as ComfyUI does before custom nodes
+pkg = types.ModuleType("branchgrpo_pack"); pkg.__path__ = [str(REPO)]; sys.modules["branchgrpo_pack"] = pkg
+sub = types.ModuleType("branchgrpo_pack.nodes"); sub.__path__ = [str(REPO / "nodes")]
+sys.modules["branchgrpo_pack.nodes"] = sub
+R = importlib.import_module("branchgrpo_pack.nodes.rewards")
+dirs = R.reward_dirs()
+assert str(shared / "my_rewards") in dirs and str(BASE / "models" / "reward_models") in dirs, dirs
+import tiny_rewards as tr
+tr.write_tiny_aesthetic(shared / "my_rewards")
+tr.write_tiny_clip(shared / "my_rewards" / "clip-vit-large-patch14")
+opts, default = R.choices(R.weight_files(), "aesthetic")
+assert default == "sac+logos+ava1-l14-linearMSE.pth", (opts, default)
+copts, cdefault = R.choices(R.model_folders(), "clip")
+assert cdefault == "clip-vit-large-patch14", copts
+r = R.AestheticLoaderNode.execute(checkpoint=default, clip=cdefault, dtype="auto", batch_size=2, max_frames=0,
+                                  temporal_weight=0.0).args[0]
+import torch
+assert r(torch.rand(1, 32, 32, 3)).shape == (1,)
+print("YAML-OK")
+'''
+
+
+@pytest.mark.skipif(comfy_missing_reason() is not None, reason=str(comfy_missing_reason()))
+def test_reward_models_folder_from_extra_model_paths_yaml(tmp_path):
+    """A 'reward_models' entry of extra_model_paths.yaml (loaded by ComfyUI before custom nodes) is searched
+    next to <models>/reward_models, and the loaders find and load weights there."""
+    import subprocess
+    script = tmp_path / "yaml_paths.py"
+    script.write_text(YAML_SCRIPT)
+    proc = subprocess.run([str(VENV_PYTHON), str(script), str(REPO_ROOT), str(tmp_path / "base"), str(COMFY_DIR)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert "YAML-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
