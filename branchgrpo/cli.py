@@ -1,0 +1,424 @@
+"""Headless training from a config file: ``python -m branchgrpo train CONFIG``.
+
+::
+
+    python -m branchgrpo train run.toml                       # one process (one GPU, or the CPU)
+    torchrun --nproc_per_node 8 -m branchgrpo train run.toml  # 8 processes: NCCL on GPUs, gloo on CPU
+    python -m branchgrpo train --print-default-config > run.toml   # the commented template
+    python -m branchgrpo train run.toml --check               # validate the config only
+    python -m branchgrpo train run.toml --set training.iterations=50 --set optim.learning_rate=2e-4
+
+The run uses the same engine as the ComfyUI nodes (:class:`~branchgrpo.trainer.BranchGRPOTrainer`), the
+same checkpoint format (``BranchGRPOTrainer.save_checkpoint``) and the same LoRA key format (ComfyUI's).
+Under ``torchrun`` the prompts of an iteration are dealt round-robin to the ranks, each prompt's whole
+tree on one rank (:class:`~branchgrpo.distributed.TorchDistributed`); only rank 0 writes files. With
+``model.fsdp = true`` the transformer's weights are sharded over the ranks (FSDP2 ``fully_shard``).
+
+Run folder ``<run.output_dir>/<run.name>/``: ``checkpoint.pt`` (every ``training.checkpoint_every``
+iterations and at the end), ``metrics.jsonl`` (one JSON object per iteration), ``tensorboard/`` (when
+tensorboard is installed), ``config.toml`` (the resolved config) and the LoRA (or ``run.lora_file``).
+A rerun of the same config continues from the checkpoint (``run.resume = "auto"``) exactly as an
+uninterrupted run would.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+log = logging.getLogger("branchgrpo")
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+_PATH_ARGS = ("checkpoint", "model", "processor", "clip", "med_config", "vocab")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` as torchrun sets them (1, 0, 0 otherwise)."""
+    return _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+
+
+def resolve_device(name: str, local_rank: int):
+    import torch
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    import torch
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, _DTYPES[name])
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        return True
+    except Exception:  # ImportError, or a broken install
+        return False
+
+
+def check_distributed(cfg, world_size: int) -> None:
+    """Distributed constraints, checked before anything is loaded."""
+    from .config_file import ConfigError
+    t = cfg.trainer
+    if world_size > 1 and t.prompts_per_iteration < world_size:
+        raise ConfigError("training.prompts_per_iteration",
+                          f"{t.prompts_per_iteration} trees per iteration for {world_size} processes leaves some "
+                          f"ranks idle; use at least {world_size} (a multiple of {world_size} balances the ranks)")
+    if world_size > 1 and t.optim.edges_per_step:
+        raise ConfigError("optim.edges_per_step", "must be 0 (one optimizer step per iteration) in a distributed "
+                                                  "run, so every rank takes the same optimizer steps")
+    if cfg.model.fsdp:
+        if world_size < 2:
+            raise ConfigError("model.fsdp", "FSDP shards the transformer over processes: launch with torchrun "
+                                            "--nproc_per_node N (N >= 2), or set model.fsdp = false")
+        if t.prompts_per_iteration % world_size:
+            raise ConfigError("training.prompts_per_iteration",
+                              f"with model.fsdp every rank must run the same model calls: use a multiple of the "
+                              f"{world_size} processes (got {t.prompts_per_iteration})")
+        if t.pruning.width_mode != "off":
+            raise ConfigError("pruning.width_mode", "width pruning keeps a different number of parents per tree, "
+                                                    "so FSDP ranks would run different numbers of model calls; use "
+                                                    "'off' with model.fsdp")
+        if t.pruning.timestep_fraction < 1.0:
+            raise ConfigError("pruning.timestep_fraction", "a random step subset per tree makes FSDP ranks run "
+                                                           "different numbers of model calls; use 1.0 with model.fsdp")
+    if cfg.run.tensorboard == "on" and not _tensorboard_available():
+        raise ConfigError("run.tensorboard", "'on' but the tensorboard package is not installed (pip install "
+                                             "tensorboard), or set it to 'auto' / 'off'")
+
+
+def build_rewards(cfg, device) -> list:
+    """The configured rewards through the rewards registry (model rewards load from local files only)."""
+    import torch
+
+    from .config_file import ConfigError
+    from .rewards.registry import MODEL_REWARDS, make_reward
+    out = []
+    for i, entry in enumerate(cfg.rewards):
+        args = dict(entry.args)
+        if entry.name in MODEL_REWARDS:
+            for key in _PATH_ARGS:
+                if isinstance(args.get(key), str) and args[key] and not args[key].startswith("hf:"):
+                    args[key] = cfg.path(args[key])
+            if isinstance(args.get("search_dirs"), list):
+                args["search_dirs"] = [cfg.path(d) for d in args["search_dirs"]]
+            if isinstance(args.get("dtype"), str):
+                if args["dtype"] not in _DTYPES:
+                    raise ConfigError(f"rewards[{i}].args.dtype", f"must be one of {', '.join(_DTYPES)}")
+                args["dtype"] = getattr(torch, _DTYPES[args["dtype"]])
+            args.setdefault("device", device)
+        try:
+            reward = make_reward(entry.name, **args)
+        except TypeError as e:
+            raise ConfigError(f"rewards[{i}].args", f"{entry.name}: {e}") from None
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"rewards[{i}]", f"{entry.name} could not be loaded: {e}") from None
+        out.append(reward)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- callbacks
+def _make_callbacks(cfg, trainer_start: int, is_main: bool):
+    from .trainer import Callback
+
+    class JsonlMetrics(Callback):
+        def __init__(self, path: str):
+            self.path = path
+
+        def on_iteration_end(self, iteration, metrics):
+            row = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None)
+                   for k, v in metrics.items()}
+            row["iteration"] = int(iteration)
+            row["wall_time"] = time.time()
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    class TensorBoard(Callback):
+        def __init__(self, folder: str):
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(folder)
+
+        def on_iteration_end(self, iteration, metrics):
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self.writer.add_scalar(k, float(v), int(iteration))
+            self.writer.flush()
+
+    class Progress(Callback):
+        def __init__(self, total: int, start: int, name: str):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc=name, unit="it", dynamic_ncols=True)
+            self.phase = ""
+
+        def on_model_call(self, phase, done, total):
+            if phase != self.phase:
+                self.phase = phase
+                self.bar.set_description_str(f"{cfg.run.name} [{phase}]")
+
+        def on_iteration_end(self, iteration, metrics):
+            self.bar.update(iteration - self.bar.n)
+            self.bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", loss=f"{metrics.get('loss', 0):.3g}",
+                                 refresh=True)
+
+    cbs = []
+    if is_main:
+        cbs.append(JsonlMetrics(os.path.join(cfg.run_dir, "metrics.jsonl")))
+        if cfg.run.tensorboard != "off" and _tensorboard_available():
+            cbs.append(TensorBoard(os.path.join(cfg.run_dir, "tensorboard")))
+        if cfg.run.progress:
+            cbs.append(Progress(cfg.trainer.iterations, trainer_start, cfg.run.name))
+    return cbs
+
+
+# ----------------------------------------------------------------------------------------- training
+def _check_resume(cfg, state: dict, lora, source: str) -> None:
+    from .config_file import ConfigError
+    from .trainer import TrainerConfig
+    saved = TrainerConfig.from_dict(json.loads(state["config"]))
+    if saved.to_dict() | {"iterations": 0} != cfg.trainer.to_dict() | {"iterations": 0}:
+        diff = [k for k, v in cfg.trainer.to_dict().items() if k != "iterations" and saved.to_dict().get(k) != v]
+        raise ConfigError("run.resume", f"the checkpoint {source} was made with different settings (differs in: "
+                                        f"{', '.join(diff)}); restore them, set run.resume = 'never' to start over, "
+                                        "or choose another run.name")
+    mine = {k: tuple(v.shape) for k, v in lora.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state["adapter"].items()}
+    if mine != theirs:
+        raise ConfigError("run.resume", f"the checkpoint {source} holds another adapter ({len(theirs)} tensors, "
+                                        f"e.g. a ComfyUI-node run or other lora.targets/rank) than this config "
+                                        f"({len(mine)}); set run.resume = 'never' or choose another run.name")
+
+
+def lora_metadata(cfg, family: str, iteration: int, latent_shape) -> dict[str, str]:
+    return {
+        "branchgrpo.method": "BranchGRPO", "branchgrpo.format": "comfyui-lora", "branchgrpo.source": "diffusers",
+        "branchgrpo.config": json.dumps(cfg.trainer.to_dict()), "branchgrpo.base_model": family,
+        "branchgrpo.iterations": str(iteration), "branchgrpo.run_name": cfg.run.name,
+        "branchgrpo.lora": json.dumps({"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                                       "targets": list(cfg.lora.targets), "exclude": list(cfg.lora.exclude)}),
+        "branchgrpo.reward": ",".join(r.name for r in cfg.rewards),
+        "branchgrpo.latent_shape": json.dumps(list(latent_shape)),
+    }
+
+
+def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Run the whole training of ``cfg`` (a :class:`~branchgrpo.config_file.RunConfig`). Returns a summary."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    import torch
+
+    from .config_file import ConfigError, dump_config, write_text_atomic
+    from .distributed import SingleProcess, TorchDistributed
+    from .lora import LoRA, LoRAConfig, freeze_base, save_state_dict
+    from .models import diffusers_adapter as da
+    from .trainer import BranchGRPOTrainer
+
+    world, rank, local_rank = world_from_env()
+    check_distributed(cfg, world)
+    da.quiet_libraries()
+    device = resolve_device(cfg.run.device, local_rank)
+    dtype = resolve_dtype(cfg.run.dtype, device)
+    folder = cfg.path(cfg.model.path)
+    family = cfg.model.family if cfg.model.family != "auto" else da.detect_family(folder)
+
+    pg_started = False
+    if world > 1:
+        import torch.distributed as tdist
+        if not tdist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            tdist.init_process_group(backend=backend)
+            pg_started = True
+        dist = TorchDistributed(device=device if tdist.get_backend() == "nccl" else torch.device("cpu"))
+    else:
+        dist = SingleProcess()
+    is_main = dist.is_main()
+    try:
+        if is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            write_text_atomic(os.path.join(cfg.run_dir, "config.toml"),
+                              dump_config(cfg, docs=False, header=f"Resolved config of run {cfg.run.name}"))
+        rewards = build_rewards(cfg, device)
+        t0 = time.perf_counter()
+        try:
+            pipe = da.load_pipeline(family, folder, transformer_file=cfg.path(cfg.model.transformer_file),
+                                    vae_file=cfg.path(cfg.model.vae_file),
+                                    text_encoder_files={k: cfg.path(v) for k, v in cfg.model.text_encoder_files.items()},
+                                    dtype=dtype)
+        except da.ModelConfigError as e:
+            raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            m = getattr(pipe, name, None)
+            if isinstance(m, torch.nn.Module):
+                m.requires_grad_(False).eval()
+        transformer = pipe.transformer
+        transformer.eval()
+        freeze_base(transformer)
+        try:
+            model = da.DiffusersFlowModel(
+                pipe, family, width=cfg.model.width, height=cfg.model.height, frames=cfg.model.frames,
+                guidance=cfg.model.guidance, cfg_scale=cfg.model.cfg_scale, negative_prompt=cfg.model.negative_prompt,
+                max_sequence_length=cfg.model.max_sequence_length, device=device, dtype=dtype,
+                move_transformer=not cfg.model.fsdp)
+        except da.ModelConfigError as e:
+            raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
+        lcfg = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
+                          exclude=tuple(cfg.lora.exclude))
+        try:
+            lora = LoRA(transformer, lcfg, dtype=torch.float32, device=device, seed=cfg.trainer.seed)
+        except ValueError as e:
+            raise ConfigError("lora.targets", str(e)) from None
+        unmapped = da.unmapped_modules(transformer, family, lora.names)
+        if unmapped:
+            raise ConfigError("lora.targets", f"{len(unmapped)} adapted module(s) have no ComfyUI equivalent, so the "
+                                              f"LoRA could not load in ComfyUI: {unmapped[:6]}; exclude them "
+                                              "(lora.exclude) or narrow lora.targets")
+        lora.attach(transformer)
+        if cfg.model.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if cfg.model.fsdp:
+            da.shard_transformer(transformer, device)
+        model.precompute(cfg.prompts)
+        if cfg.model.release_text_encoders:
+            model.release_text_encoders()
+        load_s = time.perf_counter() - t0
+
+        trainer = BranchGRPOTrainer(model, lora, cfg.prompts, rewards, model.decode, cfg.trainer,
+                                    model.latent_shape, device=device,
+                                    dtype=None if dtype == torch.float32 else dtype, dist=dist)
+        ckpt = cfg.checkpoint_path
+        source = resume_from or (ckpt if cfg.run.resume == "auto" and os.path.isfile(ckpt) else None)
+        if source:
+            if not os.path.isfile(source):
+                raise ConfigError("--resume", f"{source} does not exist")
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            _check_resume(cfg, state, lora, source)
+            trainer.load_state_dict(state)
+        resumed_from = trainer.iteration
+        if is_main:
+            mode = f"{world} processes ({'FSDP' if cfg.model.fsdp else 'replicated'})" if world > 1 else "1 process"
+            log.info("BranchGRPO %s: %s on %s %s, %s, latent %s, LoRA %d modules (%s params), %d prompts, "
+                     "%d iterations%s; loaded in %.1fs", cfg.run.name, family, device, str(dtype).split(".")[-1],
+                     mode, tuple(model.latent_shape), len(lora.names),
+                     da.human_count(da.lora_param_count(transformer, lora.names, lcfg.rank)), len(cfg.prompts),
+                     cfg.trainer.iterations, f", resuming at {resumed_from}" if source else "", load_s)
+        trainer.callbacks.extend(_make_callbacks(cfg, trainer.iteration, is_main))
+
+        def save_all() -> None:
+            trainer.save_checkpoint(ckpt)  # rank 0 writes; every rank waits
+            if is_main:
+                sd = da.comfy_lora_state_dict(lora, transformer, family)
+                save_state_dict(cfg.lora_path, sd, lora_metadata(cfg, family, trainer.iteration, model.latent_shape))
+
+        until = cfg.trainer.iterations if stop_after is None else min(cfg.trainer.iterations, stop_after)
+        every = cfg.trainer.checkpoint_every
+        saved_at = -1
+        while trainer.iteration < until:
+            trainer.step()
+            if every > 0 and trainer.iteration % every == 0:
+                save_all()
+                saved_at = trainer.iteration
+        if saved_at != trainer.iteration:
+            save_all()
+        for cb in trainer.callbacks:
+            bar = getattr(cb, "bar", None)
+            if bar is not None:
+                bar.close()
+        return {"run_dir": cfg.run_dir, "lora": cfg.lora_path, "checkpoint": ckpt, "family": family,
+                "iterations": trainer.iteration, "resumed_from": resumed_from, "history": trainer.history,
+                "latent_shape": tuple(model.latent_shape), "world_size": world}
+    finally:
+        if pg_started:
+            import torch.distributed as tdist
+            tdist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ command
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m branchgrpo",
+                                description="BranchGRPO headless training (the engine of ComfyUI-BranchGRPO).")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a LoRA from a TOML run config",
+                       description="Train a LoRA with BranchGRPO from a TOML run config. Under torchrun every "
+                                   "process runs this same command.")
+    t.add_argument("config", nargs="?", help="the run config (.toml)")
+    t.add_argument("--print-default-config", action="store_true",
+                   help="print a commented template with every field documented, and exit")
+    t.add_argument("--preset", default="branchgrpo", help="preset of the printed template (default: branchgrpo)")
+    t.add_argument("--family", default="flux", choices=["flux", "sd3", "wan"], help="model family of the template")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (TOML value), e.g. --set training.iterations=10; repeatable")
+    t.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint file (default: the run "
+                                                          "folder's checkpoint.pt when run.resume = 'auto')")
+    t.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) once N iterations are "
+                                                               "done; a later run continues")
+    t.add_argument("--check", action="store_true", help="validate the config and exit")
+    t.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config_file import ConfigError, default_template, load_config
+    from .presets import PRESETS
+    if args.command != "train":  # pragma: no cover - argparse enforces it
+        return 2
+    if args.print_default_config:
+        if args.preset and args.preset not in PRESETS:
+            print(f"error: --preset: unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}",
+                  file=sys.stderr)
+            return 2
+        sys.stdout.write(default_template(args.preset, args.family))
+        return 0
+    if not args.config:
+        print("error: give a config file (python -m branchgrpo train CONFIG), or --print-default-config",
+              file=sys.stderr)
+        return 2
+    _, rank, _ = world_from_env()
+    logging.basicConfig(level=logging.WARNING if (args.quiet or rank) else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s" if rank == 0 else
+                        f"[rank {rank}] %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.check:
+            world, _, _ = world_from_env()
+            check_distributed(cfg, world)
+            print(f"{args.config}: OK ({len(cfg.prompts)} prompts, {len(cfg.rewards)} reward(s), "
+                  f"{cfg.trainer.iterations} iterations, run folder {cfg.run_dir})")
+            return 0
+        if args.stop_after is not None and args.stop_after < 1:
+            raise ConfigError("--stop-after", "must be >= 1")
+        result = train(cfg, resume_from=args.resume, stop_after=args.stop_after)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept (rerun the same command to continue)", file=sys.stderr)
+        return 130
+    if rank == 0 and not args.quiet:
+        last = result["history"][-1] if result["history"] else {}
+        print(f"done: {result['iterations']} iterations (resumed from {result['resumed_from']}); "
+              f"reward {last.get('reward_mean', float('nan')):.4f}; LoRA {result['lora']}; "
+              f"checkpoint {result['checkpoint']}")
+    return 0
