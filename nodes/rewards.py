@@ -302,10 +302,10 @@ def _load(node: str, field: str, kind: str, load: Callable, dtype: str, batch_si
         with torch.inference_mode(False):  # normal tensors: usable with autograd (grad=True) later
             base = cached(cache_key, lambda: load(device=offload, dtype=torch_dtype, search_dirs=reward_dirs(),
                                                   where=node))
-    except WeightsNotFoundError as e:
-        raise ValueError(f"{node}: {field} — {e}") from None
-    except RewardLoadError as e:
-        raise ValueError(f"{node}: {field} — {e}") from None
+    except (WeightsNotFoundError, RewardLoadError) as e:
+        msg = str(e)
+        msg = msg[len(node) + 2:] if msg.startswith(node + ": ") else msg
+        raise ValueError(f"{node}: {field} — {msg}") from None
     except ImportError as e:
         raise RuntimeError(f"{node}: a Python package is missing: {e}. Install the pack's requirements "
                            "(pip install -r requirements.txt) and restart ComfyUI.") from e

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny_rewards as tr
-from comfy_server import COMFY_DIR, REPO_ROOT, VENV_PYTHON, ComfyQueueError, comfy_missing_reason
+from comfy_server import COMFY_DIR, REPO_ROOT, VENV_PYTHON, ComfyExecutionError, ComfyQueueError, comfy_missing_reason
 from branchgrpo.rewards import RewardMix, make_reward
 
 NODE_IDS = ["BranchGRPOImageRewardLoader", "BranchGRPOHPSLoader", "BranchGRPOPickScoreLoader",
@@ -139,6 +139,22 @@ def test_missing_weights_fail_at_queue_time_with_the_expected_files(comfy, rewar
     for needle in ("HPS v2.1 Loader", "checkpoint", "HPS_v2.1_compressed.pt", "reward_models", "xswu/HPSv2"):
         assert needle in text, needle
 
+
+
+def test_wrong_file_fails_with_node_field_and_keys(comfy, reward_files):
+    """HPS v2.1 Loader given the aesthetic MLP: checked against a meta-device ViT-H-14 (no 4 GB allocated)."""
+    graph = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+        "hps": {"class_type": "BranchGRPOHPSLoader",
+                "inputs": {"checkpoint": "sac+logos+ava1-l14-linearMSE.pth", **COMMON}},
+        "s": {"class_type": "BranchGRPOScoreImages",
+              "inputs": {"images": ["img", 0], "reward": ["hps", 0], "prompt": "x", "as_video": False}},
+    }
+    with pytest.raises(ComfyExecutionError) as err:
+        comfy.run(graph, timeout=120)
+    msg = str(err.value)
+    assert "HPS v2.1 Loader: checkpoint — sac+logos+ava1-l14-linearMSE.pth" in msg
+    assert "Missing keys (686)" in msg and "Unexpected keys (10)" in msg and "right file" in msg
 
 # In a separate process with ComfyUI's modules (no server): the loaders' memory contract.
 RELEASE_SCRIPT = r'''

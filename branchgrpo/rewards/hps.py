@@ -81,17 +81,24 @@ def _quiet_random_init_warning():
         root.removeFilter(f)
 
 
-def build_open_clip(arch: str = HPS_ARCH):
-    """An open_clip model of architecture ``arch`` with no weights loaded (and none fetched)."""
+def _open_clip():
     try:
         import open_clip
     except ImportError as e:
         raise ImportError("HPS v2.1 needs open-clip-torch (pip install open-clip-torch; see requirements.txt)") from e
+    return open_clip
+
+
+def build_open_clip(arch: str = HPS_ARCH, meta: bool = False):
+    """An open_clip model of architecture ``arch`` with no weights loaded (and none fetched); on the meta
+    device (no memory) with ``meta=True``."""
+    open_clip = _open_clip()
     if open_clip.get_model_config(arch) is None:
         raise RewardLoadError(f"open_clip has no architecture {arch!r}")
-    with skip_init(), _quiet_random_init_warning():
+    device = "meta" if meta else "cpu"
+    with skip_init(), _quiet_random_init_warning(), torch.device(device):
         model = open_clip.create_model(arch, pretrained=None, load_weights=False, pretrained_image=False,
-                                       pretrained_text=False, device="cpu", precision="fp32")
+                                       pretrained_text=False, device=device, precision="fp32")
     return model, open_clip.get_tokenizer(arch)
 
 
@@ -100,9 +107,11 @@ def load_hps(checkpoint: Optional[PathLike] = None, *, search_dirs=None, arch: s
              where: str = "HPS v2.1", **kwargs) -> OpenCLIPScorer:
     """Load HPS v2.1 from a local ``HPS_v2.1_compressed.pt`` (see the module docstring)."""
     path = find_file("hps_v2.1", checkpoint, search_dirs, where)
-    model, tokenizer = build_open_clip(arch)
+    _open_clip()  # ImportError with the install hint before reading the file
     sd = load_state_dict_file(path, where)
-    check_state_dict_keys(model, sd, f"{where}: {path.name} (architecture {arch})")
+    # keys and shapes checked against a meta-device copy first: a wrong file fails before 4 GB are allocated
+    check_state_dict_keys(build_open_clip(arch, meta=True)[0], sd, f"{where}: {path.name} (architecture {arch})")
+    model, tokenizer = build_open_clip(arch)
     model.load_state_dict(sd, strict=True)
     model.to(device=device, dtype=dtype)
     return OpenCLIPScorer(model, tokenizer, **kwargs)
