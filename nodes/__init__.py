@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .export_config import ExportRunConfigNode
 from .lora_io import SaveLoRANode
 from .plot import MetricsPlotNode
 from .rewards import REWARD_NODES
@@ -15,7 +16,7 @@ from .trainer import TrainerNode
 NODES: list[type[io.ComfyNode]] = [
     BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, SaveLoRANode,
     MetricsPlotNode, *REWARD_NODES,
-    TinyFlowModelLoaderNode,
+    TinyFlowModelLoaderNode, ExportRunConfigNode,
 ]
 
 

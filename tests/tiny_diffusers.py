@@ -103,16 +103,17 @@ def build_flux(seed: int = 0, guidance: bool = True):
 
 
 def build_sd3(seed: int = 0):
-    """A StableDiffusion3Pipeline: 2 MMDiT layers, 2 heads x 64 (ComfyUI's detection reads hidden = 64 x depth,
-    so ComfyUI loads this transformer too), CLIP-L/G (with projection) + T5."""
+    """A StableDiffusion3Pipeline: 2 MMDiT layers, 2 heads x 64 and 16 latent channels (ComfyUI's detection reads
+    hidden = 64 x depth and matches SD3 on 16 channels, so ComfyUI loads this transformer too), CLIP-L/G (with
+    projection) + T5."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     _seeded(seed)
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=TINY_LATENT_CHANNELS, num_layers=2,
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=2,
                                         attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
                                         caption_projection_dim=128, pooled_projection_dim=64,
-                                        out_channels=TINY_LATENT_CHANNELS, pos_embed_max_size=16).eval()
+                                        out_channels=16, pos_embed_max_size=16).eval()
     return StableDiffusion3Pipeline(
-        scheduler=_scheduler(), vae=_kl_vae(seed + 1), text_encoder=_clip_text(seed + 2, projection=True),
+        scheduler=_scheduler(), vae=_kl_vae(seed + 1, latent_channels=16), text_encoder=_clip_text(seed + 2, projection=True),
         tokenizer=clip_tokenizer(), text_encoder_2=_clip_text(seed + 3, projection=True), tokenizer_2=clip_tokenizer(),
         text_encoder_3=_t5(seed + 4, d_model=64), tokenizer_3=t5_tokenizer(), transformer=transformer)
 
