@@ -27,9 +27,10 @@ PAGE_TIMEOUT_MS = 60_000
 # Console errors of ComfyUI's own frontend (1.32.9) on a bare server with no network, seen with our
 # extension stubbed out as well; none of them comes from this pack.
 KNOWN_NOISE = [
-    # 404s for optional per-user files and folders a fresh --base-directory does not have
+    # 404s for optional per-user files and folders a fresh --base-directory does not have, and the
+    # browser's own favicon request (ComfyUI has none at /favicon.ico)
     (re.compile(r"^Failed to load resource: the server responded with a status of 404"),
-     re.compile(r"/(api/)?(userdata(/|\?)|user\.css)")),
+     re.compile(r"/(api/)?(userdata(/|\?)|user\.css)|/favicon\.ico$")),
     # the frontend asks api.comfy.org for the core node pack's registry entry; CSP blocks it offline
     (re.compile(r"^Connecting to 'https://api\.comfy\.org/.*Content Security Policy"), None),
     # the setting store's onChange on a setting id the frontend never registered (GraphView load)
