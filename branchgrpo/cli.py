@@ -142,8 +142,22 @@ def _make_callbacks(cfg, trainer_start: int, is_main: bool):
     from .trainer import Callback
 
     class JsonlMetrics(Callback):
-        def __init__(self, path: str):
+        def __init__(self, path: str, start: int):
             self.path = path
+            # A resumed run continues the file from its checkpoint: rows of iterations done after the
+            # checkpoint (by a run that stopped before its next checkpoint) are dropped, as is a fresh
+            # run's old file.
+            keep = []
+            if start > 0 and os.path.isfile(path):
+                with open(path, encoding="utf-8") as fh:
+                    for line in fh:
+                        try:
+                            if int(json.loads(line).get("iteration", 0)) <= start:
+                                keep.append(line if line.endswith("\n") else line + "\n")
+                        except (ValueError, TypeError, AttributeError):
+                            continue
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.writelines(keep)
 
         def on_iteration_end(self, iteration, metrics):
             row = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None)
@@ -154,9 +168,9 @@ def _make_callbacks(cfg, trainer_start: int, is_main: bool):
                 fh.write(json.dumps(row) + "\n")
 
     class TensorBoard(Callback):
-        def __init__(self, folder: str):
+        def __init__(self, folder: str, start: int):
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(folder)
+            self.writer = SummaryWriter(folder, purge_step=start + 1 if start > 0 else None)
 
         def on_iteration_end(self, iteration, metrics):
             for k, v in metrics.items():
@@ -182,9 +196,9 @@ def _make_callbacks(cfg, trainer_start: int, is_main: bool):
 
     cbs = []
     if is_main:
-        cbs.append(JsonlMetrics(os.path.join(cfg.run_dir, "metrics.jsonl")))
+        cbs.append(JsonlMetrics(os.path.join(cfg.run_dir, "metrics.jsonl"), trainer_start))
         if cfg.run.tensorboard != "off" and _tensorboard_available():
-            cbs.append(TensorBoard(os.path.join(cfg.run_dir, "tensorboard")))
+            cbs.append(TensorBoard(os.path.join(cfg.run_dir, "tensorboard"), trainer_start))
         if cfg.run.progress:
             cbs.append(Progress(cfg.trainer.iterations, trainer_start, cfg.run.name))
     return cbs

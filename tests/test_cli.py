@@ -175,10 +175,15 @@ def test_flux_trains_and_writes_comfy_lora(reference_run):
 
 
 def test_resume_continues_exactly(tiny, tmp_path, reference_run):
+    import shutil
     path = write(tmp_path / "ref.toml", flux_config(tiny, tmp_path, "ref"))
     assert cli.main(["train", str(path), "-q", "--stop-after", "1"]) == 0
     assert torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["iteration"] == 1
-    assert cli.main(["train", str(path), "-q"]) == 0  # run.resume = "auto": picks up the checkpoint
+    shutil.copy(tmp_path / "ref" / "checkpoint.pt", tmp_path / "after1.pt")
+    assert cli.main(["train", str(path), "-q", "--stop-after", "2"]) == 0  # run.resume = "auto"
+    # as if the run had died after iteration 2 without its checkpoint: resume from the older one; the
+    # metrics rows of the lost iteration are replaced, not duplicated
+    assert cli.main(["train", str(path), "-q", "--resume", str(tmp_path / "after1.pt")]) == 0
     a, b = lora_tensors(reference_run / "ref.safetensors"), lora_tensors(tmp_path / "ref" / "ref.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -227,7 +232,8 @@ def test_sd3_and_wan_train(tiny, tmp_path):
                       training={"iterations": 1, "prompts_per_iteration": 1})
     sd3["rewards"] = [{"name": "contrast"}, {"name": "saturation", "weight": 0.5}]
     assert cli.main(["train", str(write(tmp_path / "sd3.toml", sd3)), "-q"]) == 0
-    wan = flux_config(tiny, tmp_path, "wan", model={"path": str(tiny["wan"]), "frames": 5},
+    wan = flux_config(tiny, tmp_path, "wan", model={"path": str(tiny["wan"]), "frames": 5,
+                                                     "gradient_checkpointing": True},
                       training={"iterations": 1, "prompts_per_iteration": 1})
     assert cli.main(["train", str(write(tmp_path / "wan.toml", wan)), "-q"]) == 0
     for name, key in (("sd3", "diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_up.weight"),
@@ -248,3 +254,19 @@ def test_config_check_and_overrides(tiny, tmp_path, capsys):
     assert cfg.trainer.schedule.split_steps == (0,) and cfg.run_dir.endswith("other")
     with pytest.raises(ConfigError, match="schedule.num_steps"):
         load_config(path, ["schedule.num_steps=-1"])
+
+
+def test_single_file_text_encoder(tiny, tmp_path):
+    """model.text_encoder_files: a text encoder from one Hugging Face-layout file (as ComfyUI keeps t5xxl)."""
+    from safetensors.torch import save_file
+
+    from branchgrpo.models import diffusers_adapter as da
+    ref = da.load_pipeline("flux", str(tiny["flux"]))
+    t5 = {k: v.clone() for k, v in ref.text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(t5, str(tmp_path / "t5.safetensors"))
+    pipe = da.load_pipeline("flux", str(tiny["flux"]), text_encoder_files={"text_encoder_2": str(tmp_path / "t5.safetensors")})
+    for k, v in ref.text_encoder_2.state_dict().items():
+        assert torch.equal(pipe.text_encoder_2.state_dict()[k], v), k
+    save_file({"shared.weight": t5["shared.weight"]}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(da.ModelConfigError, match="model.text_encoder_files.text_encoder_2"):
+        da.load_pipeline("flux", str(tiny["flux"]), text_encoder_files={"text_encoder_2": str(tmp_path / "partial.safetensors")})

@@ -84,15 +84,15 @@ def detect_family(folder: str) -> str:
                                            "model.family to 'flux', 'sd3' or 'wan'")
 
 
-def _component_class(folder: str, component: str, default_lib: str, default_cls: str):
+def _component_class(folder: str, component: str):
+    """The class ``model_index.json`` names for ``component`` (None when the pipeline has no such component)."""
     index = os.path.join(folder, "model_index.json")
-    lib, cls = default_lib, default_cls
-    if os.path.isfile(index):
-        entry = _read_json(index).get(component)
-        if isinstance(entry, list) and len(entry) == 2 and entry[1]:
-            lib, cls = entry
-    module = __import__(lib)
-    return getattr(module, cls)
+    if not os.path.isfile(index):
+        return None
+    entry = _read_json(index).get(component)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] and entry[1]):
+        return None
+    return getattr(__import__(entry[0]), entry[1], None)
 
 
 def _load_text_encoder_file(folder: str, component: str, path: str, dtype: torch.dtype) -> nn.Module:
@@ -100,9 +100,10 @@ def _load_text_encoder_file(folder: str, component: str, path: str, dtype: torch
     import transformers
     from safetensors.torch import load_file
 
-    cls = _component_class(folder, component, "transformers", "")
-    if cls is None or not isinstance(cls, type):
-        raise ModelConfigError(f"model.text_encoder_files.{component}", f"the model folder has no {component}")
+    cls = _component_class(folder, component)
+    if not isinstance(cls, type):
+        raise ModelConfigError(f"model.text_encoder_files.{component}", f"the model folder's model_index.json "
+                                                                        f"names no {component} class")
     config = transformers.AutoConfig.from_pretrained(os.path.join(folder, component), local_files_only=True)
     sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
                                                                             weights_only=True)
