@@ -236,9 +236,7 @@ def lora_metadata(cfg, family: str, iteration: int, latent_shape) -> dict[str, s
 
 def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Run the whole training of ``cfg`` (a :class:`~branchgrpo.config_file.RunConfig`). Returns a summary."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    _offline()
     import torch
 
     from .config_file import ConfigError, dump_config, write_text_atomic
@@ -269,10 +267,6 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
         dist = SingleProcess()
     is_main = dist.is_main()
     try:
-        if is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            write_text_atomic(os.path.join(cfg.run_dir, "config.toml"),
-                              dump_config(cfg, docs=False, header=f"Resolved config of run {cfg.run.name}"))
         rewards = build_rewards(cfg, device)
         t0 = time.perf_counter()
         try:
@@ -330,7 +324,10 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
             _check_resume(cfg, state, lora, source)
             trainer.load_state_dict(state)
         resumed_from = trainer.iteration
-        if is_main:
+        if is_main:  # everything loaded and checked: the run folder comes into being
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            write_text_atomic(os.path.join(cfg.run_dir, "config.toml"),
+                              dump_config(cfg, docs=False, header=f"Resolved config of run {cfg.run.name}"))
             mode = f"{world} processes ({'FSDP' if cfg.model.fsdp else 'replicated'})" if world > 1 else "1 process"
             log.info("BranchGRPO %s: %s on %s %s, %s, latent %s, LoRA %d modules (%s params), %d prompts, "
                      "%d iterations%s; loaded in %.1fs", cfg.run.name, family, device, str(dtype).split(".")[-1],
@@ -392,7 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _offline() -> None:
+    """Nothing is ever downloaded at run time (every load is local_files_only as well)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _offline()
     args = build_parser().parse_args(argv)
     from .config_file import ConfigError, default_template, load_config
     from .presets import PRESETS

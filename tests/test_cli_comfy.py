@@ -219,6 +219,7 @@ def test_export_node_config_trains_headless(comfy, tiny, tmp_path):
     out_dir, loras = tmp_path / "output", models / "loras"
     loras.mkdir()
     saved_output = folder_paths.get_output_directory()
+    saved_paths = {k: list(folder_paths.folder_names_and_paths[k][0]) for k in ("diffusers", "loras")}
     folder_paths.add_model_folder_path("diffusers", str(models / "diffusers"), is_default=True)
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     folder_paths.set_output_directory(str(out_dir))
@@ -236,6 +237,8 @@ def test_export_node_config_trains_headless(comfy, tiny, tmp_path):
             learning_rate=1e-2, lora_rank=2, lora_alpha=2.0, seed=7, nproc_per_node=2)
     finally:
         folder_paths.set_output_directory(saved_output)
+        for k, paths in saved_paths.items():
+            folder_paths.folder_names_and_paths[k][0][:] = paths
     config_path, command = res.args[0], res.args[1]
     assert config_path == str(out_dir / "branchgrpo" / "node_run.toml")
     assert "torchrun --nproc_per_node 2 -m branchgrpo train" in " ".join(res.ui["text"])
