@@ -6,6 +6,7 @@
 // advantage spread and the loss per iteration, and the latest tree (its splits, leaves coloured by reward).
 // History is kept per run in localStorage and merged with the run's checkpoint history from
 // GET /branchgrpo/runs/<run> (nodes/routes.py), so a page reload during (or after) a run loses nothing.
+// Live events reach only the tab that queued the run; other tabs poll that route while the queue is busy.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -24,6 +25,9 @@ const MIN_HEIGHT = 300;
 const runs = new Map();    // run -> {run, history: [{iteration, ...}], tree, total}
 const charts = new Set();  // live chart objects (one per Trainer node on the canvas)
 const fetched = new Map(); // run -> time of the last server fetch
+const lastLive = new Map(); // run -> time of its last live event
+const POLL_MS = 10000;      // while the queue runs, charts without live events poll the checkpoint
+let pollTimer = 0;
 
 // ------------------------------------------------------------------ numbers
 const finite = (v) => typeof v === "number" && Number.isFinite(v);
@@ -458,11 +462,35 @@ function attachChart(node) {
   return chart;
 }
 
+/** Live events go only to the browser tab that queued the run; other tabs (or a new session) follow the
+ *  run through its checkpoint while the queue is busy. */
+function pollRuns() {
+  const now = Date.now();
+  const wanted = new Set();
+  for (const chart of charts) {
+    const run = nodeRun(chart.node);
+    if (run && now - (lastLive.get(run) ?? 0) > POLL_MS) wanted.add(run);
+  }
+  for (const run of wanted) fetchRun(run, true);
+}
+
+let queueBusy = null;  // unknown until the first status
+function onStatus(event) {
+  const remaining = event?.detail?.exec_info?.queue_remaining;
+  if (!finite(remaining)) return;
+  const busy = remaining > 0;
+  if (busy && !pollTimer) pollTimer = setInterval(pollRuns, POLL_MS);
+  if (!busy && pollTimer) { clearInterval(pollTimer); pollTimer = 0; }
+  if (!busy && queueBusy !== false) pollRuns();  // the last iterations of a run that just ended
+  queueBusy = busy;
+}
+
 function onMetrics(event) {
   const data = event?.detail;
   if (!data || typeof data.run !== "string" || !finite(Number(data.iteration))) return;
   const rec = getRun(data.run);
   const iteration = Number(data.iteration);
+  lastLive.set(data.run, Date.now());
   const gap = rec.history.length && iteration > rec.history[rec.history.length - 1].iteration + 1;
   addPoint(rec, iteration, data.metrics ?? {});
   if (data.tree) rec.tree = data.tree;
@@ -482,6 +510,10 @@ app.registerExtension({
   name: "BranchGRPO.LiveChart",
   setup() {
     api.addEventListener(EVENT, onMetrics);
+    api.addEventListener("status", onStatus);
+    // the websocket's first status may come before this listener: ask once
+    api.fetchApi("/prompt").then((r) => (r.ok ? r.json() : null)).then((d) => d && onStatus({ detail: d }))
+      .catch(() => {});
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== NODE_TYPE) return;
