@@ -251,7 +251,10 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
     device = resolve_device(cfg.run.device, local_rank)
     dtype = resolve_dtype(cfg.run.dtype, device)
     folder = cfg.path(cfg.model.path)
-    family = cfg.model.family if cfg.model.family != "auto" else da.detect_family(folder)
+    try:
+        family = cfg.model.family if cfg.model.family != "auto" else da.detect_family(folder)
+    except da.ModelConfigError as e:
+        raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
 
     pg_started = False
     if world > 1:
@@ -270,10 +273,9 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
         rewards = build_rewards(cfg, device)
         t0 = time.perf_counter()
         try:
+            te_files = {k: cfg.path(v) for k, v in cfg.model.text_encoder_files.items()}
             pipe = da.load_pipeline(family, folder, transformer_file=cfg.path(cfg.model.transformer_file),
-                                    vae_file=cfg.path(cfg.model.vae_file),
-                                    text_encoder_files={k: cfg.path(v) for k, v in cfg.model.text_encoder_files.items()},
-                                    dtype=dtype)
+                                    vae_file=cfg.path(cfg.model.vae_file), text_encoder_files=te_files, dtype=dtype)
         except da.ModelConfigError as e:
             raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):

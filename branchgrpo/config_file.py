@@ -36,7 +36,6 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .advantage import AdvantageConfig
@@ -659,7 +658,8 @@ def default_template(preset: str = "branchgrpo", family: str = "flux") -> str:
     data: dict[str, Any] = {"preset": preset}
     data["run"] = dataclasses.asdict(RunSection())
     model = dataclasses.asdict(ModelSection())
-    model.update(family=family, path=f"/path/to/{ {'flux': 'FLUX.1-dev', 'sd3': 'stable-diffusion-3.5-medium', 'wan': 'Wan2.1-T2V-1.3B-Diffusers'}.get(family, 'model')}")
+    example = {"flux": "FLUX.1-dev", "sd3": "stable-diffusion-3.5-medium", "wan": "Wan2.1-T2V-1.3B-Diffusers"}
+    model.update(family=family, path=f"/path/to/{example.get(family, 'model')}")
     data["model"] = model
     data["lora"] = dataclasses.asdict(LoRASection())
     data["prompts"] = {"train": ["a photo of a cat", "a watercolor of a lighthouse"], "file": ""}

@@ -160,8 +160,8 @@ class ExportRunConfigNode(io.ComfyNode):
                 io.Int.Input("iterations", default=100, min=1, max=1000000, optional=True,
                              tooltip="Training iterations (one rollout + one update each)."),
                 io.Int.Input("prompts_per_iteration", default=8, min=1, max=4096, optional=True,
-                             tooltip="Trees per iteration (global batch). With torchrun they are dealt to the GPUs: use "
-                                     "a multiple of the number of processes."),
+                             tooltip="Trees per iteration (global batch). With torchrun they are dealt to the "
+                                     "GPUs: use a multiple of the number of processes."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6, round=1e-8, optional=True,
                                tooltip="AdamW learning rate of the LoRA."),
                 io.Int.Input("lora_rank", default=16, min=1, max=512, optional=True, tooltip="LoRA rank."),

@@ -196,7 +196,8 @@ def _pack_nodes():
     """The pack imported as a package (as ComfyUI imports custom nodes), so `nodes` stays ComfyUI's."""
     name = "comfyui_branchgrpo_pack"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)

@@ -113,7 +113,8 @@ def build_sd3(seed: int = 0):
                                         caption_projection_dim=128, pooled_projection_dim=64,
                                         out_channels=16, pos_embed_max_size=16).eval()
     return StableDiffusion3Pipeline(
-        scheduler=_scheduler(), vae=_kl_vae(seed + 1, latent_channels=16), text_encoder=_clip_text(seed + 2, projection=True),
+        scheduler=_scheduler(), vae=_kl_vae(seed + 1, latent_channels=16),
+        text_encoder=_clip_text(seed + 2, projection=True),
         tokenizer=clip_tokenizer(), text_encoder_2=_clip_text(seed + 3, projection=True), tokenizer_2=clip_tokenizer(),
         text_encoder_3=_t5(seed + 4, d_model=64), tokenizer_3=t5_tokenizer(), transformer=transformer)
 

@@ -468,7 +468,8 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def comfy_lora_state_dict(lora, root: nn.Module, family: str, prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
+def comfy_lora_state_dict(lora, root: nn.Module, family: str,
+                          prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
     """``lora`` (a :class:`~branchgrpo.lora.LoRA` on the diffusers module names of ``root``) in ComfyUI's key
     format: ``{prefix}.{ComfyUI module}.lora_up.weight`` ``[out, r]``, ``.lora_down.weight`` ``[r, in]`` and
     ``.alpha``. Parts of a fused ComfyUI layer are merged exactly (see the module doc)."""
