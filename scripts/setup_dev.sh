@@ -171,3 +171,21 @@ fi
 ln -sfn "$ROOT" "$LINK"
 
 step "done in $((SECONDS - T0)) s"
+
+# ---------------------------------------------------------------- browser tests
+# tests/test_browser.py and tests/test_workflows.py drive ComfyUI's frontend in Debian's Chromium through
+# Python playwright (no browser download); they skip themselves when either is missing.
+if ! "$PY" -c 'import playwright.sync_api' 2>/dev/null; then
+  PLAYWRIGHT_PIN="$(grep -E '^playwright==' "$CONSTRAINTS" 2>/dev/null || echo playwright)"
+  step "installing $PLAYWRIGHT_PIN (browser tests)"
+  pip_install "${CONSTRAINT_ARGS[@]}" "$PLAYWRIGHT_PIN"
+fi
+if [[ ! -x /usr/bin/chromium ]]; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    step "apt-get install -y chromium (browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  else
+    step "no /usr/bin/chromium (and not root): browser tests will skip; install it with: sudo apt-get install -y chromium"
+  fi
+fi
