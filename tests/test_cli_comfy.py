@@ -213,6 +213,7 @@ def test_export_node_config_trains_headless(comfy, tiny, tmp_path):
     assert schema.node_id == "BranchGRPOExportRunConfig" and schema.description
     for item in list(schema.inputs) + list(schema.outputs):
         assert getattr(item, "tooltip", None), f"{item.id} has no tooltip"
+    assert export.ExportRunConfigNode.GET_NODE_INFO_V1()["output_node"]  # what the server sends the frontend
 
     models = tmp_path / "models"
     (models / "diffusers").mkdir(parents=True)
