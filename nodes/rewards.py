@@ -38,7 +38,7 @@ from comfy_api.latest import io
 
 import folder_paths
 from branchgrpo.rewards.files import (MODEL_CARDS, WEIGHT_EXTENSIONS, RewardLoadError, WeightsNotFoundError, cached,
-                                      file_key, hf_cache_snapshot, missing_weights_message)
+                                      file_key, find_file, find_folder, hf_cache_snapshot, missing_weights_message)
 from branchgrpo.rewards.mix import AGGREGATIONS, RewardMix
 from branchgrpo.rewards.weight_free import WEIGHT_FREE_REWARDS, make_weight_free
 
@@ -261,9 +261,19 @@ def _reward_output():
 
 
 def _check_choice(node: str, field: str, value: str, card_key: str) -> Optional[str]:
+    """None if ``value`` names weights that exist, else the message (expected files, folders, publisher).
+    Runs at queue time: ComfyUI skips its own combo-list check for inputs a node validates itself."""
     if value in (None, "") or str(value).startswith(MISSING_PREFIX):
         return (f"{node}: {field} — no weights selected. "
                 + missing_weights_message(card_key, reward_dirs()))
+    card = MODEL_CARDS[card_key]
+    try:
+        if card.kind == "folder":
+            find_folder(card_key, value, reward_dirs())
+        else:
+            find_file(card_key, value, reward_dirs())
+    except WeightsNotFoundError as e:
+        return f"{node}: {field} — {value!r} not found. {e}"
     return None
 
 

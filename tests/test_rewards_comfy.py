@@ -138,6 +138,20 @@ def test_missing_weights_fail_at_queue_time_with_the_expected_files(comfy, rewar
     text = str(err.value.body)
     for needle in ("HPS v2.1 Loader", "checkpoint", "HPS_v2.1_compressed.pt", "reward_models", "xswu/HPSv2"):
         assert needle in text, needle
+    # a workflow saved elsewhere names the canonical file, absent here: the same explanation at queue time
+    graph["hps"]["inputs"]["checkpoint"] = "HPS_v2.1_compressed.pt"
+    graph["pick"] = {"class_type": "BranchGRPOPickScoreLoader",
+                     "inputs": {"model": "Not_There", "processor": "auto", **COMMON}}
+    graph["s2"] = {"class_type": "BranchGRPOScoreImages",
+                   "inputs": {"images": ["img", 0], "reward": ["pick", 0], "prompt": "x", "as_video": False}}
+    with pytest.raises(ComfyQueueError) as err:
+        comfy.queue(graph)
+    errors = err.value.body["node_errors"]
+    hps = " ".join(e["details"] for e in errors["hps"]["errors"])
+    assert errors["hps"]["errors"][0]["type"] == "custom_validation_failed"
+    assert "'HPS_v2.1_compressed.pt' not found" in hps and "xswu/HPSv2" in hps
+    pick = " ".join(e["details"] for e in errors["pick"]["errors"])
+    assert "'Not_There' not found" in pick and "yuvalkirstain/PickScore_v1" in pick and "config.json" in pick
 
 
 
