@@ -9,13 +9,18 @@ a loader's file-name input). ComfyUI serves the folder as templates under the pa
 The workflows are generated from ``SOURCES`` below by the real frontend (API graph -> ``app.loadApiJson``
 -> layout, Note nodes and groups -> ``app.graphToPrompt().workflow``, which is what Export saves):
 
-    .venv/bin/python tests/test_workflows.py            # rewrite workflows/<name>.json for SOURCES
+    .venv/bin/python tests/test_workflows.py              # rewrite workflows/<name>.json for SOURCES
+    .venv/bin/python tests/test_workflows.py --thumbnails # only the thumbnails (workflows/<stem>.jpg)
+
+Each run also writes a thumbnail workflows/<stem>.jpg for every workflows/*.json (the template
+browser shows it; without one it shows an empty card and logs a 404).
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -426,21 +431,43 @@ def build_spec(name: str) -> dict:
     return {"name": name, "api": src["api"], "layout": layout, "fixed_seeds": src.get("fixed_seeds", False)}
 
 
-def regenerate(names=None) -> list[Path]:
-    """Write workflows/<name>.json for SOURCES (all by default), built in the real frontend."""
+FIT_JS = r"""
+() => {
+  app.extensionManager.focusMode = true;  // no menus or side bars in the picture
+  app.canvas.show_info = false;
+  const c = app.canvas, b = [Infinity, Infinity, -Infinity, -Infinity];
+  for (const it of [...app.graph.nodes, ...app.graph.groups]) {
+    const [x, y] = it.pos, [w, h] = it.size;
+    b[0] = Math.min(b[0], x); b[1] = Math.min(b[1], y - 40); b[2] = Math.max(b[2], x + w); b[3] = Math.max(b[3], y + h);
+  }
+  const el = c.canvas.getBoundingClientRect();
+  const s = Math.min(el.width / (b[2] - b[0] + 60), el.height / (b[3] - b[1] + 60));
+  c.ds.scale = s;
+  c.ds.offset = [-b[0] + (el.width / s - (b[2] - b[0])) / 2, -b[1] + (el.height / s - (b[3] - b[1])) / 2];
+  c.setDirty(true, true);
+}
+"""
+THUMBNAIL_SIZE = (800, 500)  # the template browser shows <name>.jpg next to <name>.json
+
+
+def regenerate(names=None, workflows=True) -> list[Path]:
+    """Write workflows/<name>.json for SOURCES (all by default; none with workflows=False), built in the
+    real frontend, then a thumbnail workflows/<stem>.jpg for every workflows/*.json."""
+    import io
     import tempfile
 
+    from PIL import Image
     from playwright.sync_api import sync_playwright
 
     from browser_helpers import WORKFLOWS_DIR
     from comfy_server import ComfyServer
 
-    names = list(names or SOURCES)
+    names = (list(names or SOURCES)) if workflows else []
     written = []
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp) / "base") as server, \
             sync_playwright() as pw:
         browser = launch(pw)
-        page = ComfyPage(browser, server.url).open()
+        page = ComfyPage(browser, server.url, viewport=(2400, 1500)).open()
         for name in names:
             workflow = json.loads(page.js(BUILD_JS, build_spec(name)))
             workflow.setdefault("extra", {})["branchgrpo"] = {"title": SOURCES[name]["title"]}
@@ -449,6 +476,16 @@ def regenerate(names=None) -> list[Path]:
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(workflow, indent=2) + "\n")
             written.append(path)
+        for path in shipped_workflows():
+            page.js("async (w) => { await app.loadGraphData(w); }", json.loads(path.read_text()))
+            page.js(FIT_JS)
+            page.page.wait_for_timeout(500)
+            png = page.page.screenshot(type="png")
+            image = Image.open(io.BytesIO(png)).convert("RGB")
+            image.thumbnail(THUMBNAIL_SIZE, Image.LANCZOS)
+            thumb = path.with_suffix(".jpg")
+            image.save(thumb, "JPEG", quality=82, optimize=True)
+            written.append(thumb)
         errors = page.errors()
         browser.close()
     if errors:
@@ -501,6 +538,11 @@ def test_workflows_are_served_as_templates(comfy):
     for path in WORKFLOWS:
         status, body = http_json(f"{comfy.url}/api/workflow_templates/{PACK_NAME}/{path.name}")
         assert status == 200 and body == _load(path), path.name
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file(), f"no thumbnail {thumb.name}: run .venv/bin/python tests/test_workflows.py --thumbnails"
+        req = urllib.request.Request(f"{comfy.url}/api/workflow_templates/{PACK_NAME}/{thumb.name}")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", thumb.name
 
 
 # ------------------------------------------------------------------------------- in the browser
@@ -556,14 +598,23 @@ def test_missing_node_check_catches_an_unknown_type(page):
     assert "BranchGRPODoesNotExist" in " ".join(res["missing"]) + res["dialog"]
 
 
-def _cancel_if_queued(comfy, prompt_id):
-    """A prompt that validated (e.g. a CPU demo whose models exist) is dropped, not run to the end."""
+def _cancel_if_queued(comfy, prompt_id, timeout_s=120.0):
+    """A prompt that validated (e.g. a CPU demo whose models exist) is dropped, not run to the end:
+    deleted while pending, interrupted once running; returns when the queue no longer holds it."""
     comfy.post("/queue", {"delete": [prompt_id]})
-    comfy.interrupt()
-    try:
-        comfy.wait(prompt_id, timeout=120)
-    except TimeoutError:
-        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, q = http_json(comfy.url + "/queue")
+        running = {item[1] for item in q["queue_running"]}
+        pending = {item[1] for item in q["queue_pending"]}
+        if prompt_id not in running | pending:
+            return
+        if prompt_id in running:
+            comfy.interrupt()
+        else:
+            comfy.post("/queue", {"delete": [prompt_id]})
+        time.sleep(0.2)
+    raise TimeoutError(f"prompt {prompt_id} still queued after {timeout_s:.0f} s")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
@@ -599,10 +650,33 @@ def test_workflow_loads_converts_and_validates(page, comfy, path):
     assert time.monotonic() - t0 < 30
 
 
+def test_template_browser_lists_our_workflows_and_opens_one(page, tmp_path):
+    """ComfyUI's own template browser (Workflow > Browse Templates > Extensions > our pack): a card and a
+    thumbnail per workflow, and a click that opens the workflow."""
+    thumbs = {}
+    page.page.on("response", lambda r: f"/workflow_templates/{PACK_NAME}/" in r.url and r.url.endswith(".jpg")
+                 and thumbs.__setitem__(r.url.rsplit("/", 1)[-1], r.status))
+    page.js("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    dialog = page.page.locator(".p-dialog")
+    dialog.get_by_text(PACK_NAME, exact=True).first.click()
+    for stem in IDS:
+        dialog.locator(f'[data-testid="template-workflow-{stem}"]').wait_for(timeout=30_000)
+    deadline = time.monotonic() + 20
+    while len(thumbs) < len(IDS) and time.monotonic() < deadline:
+        page.page.wait_for_timeout(200)
+    assert thumbs == {f"{stem}.jpg": 200 for stem in IDS}
+    page.screenshot(tmp_path / "template_browser.png")
+    dialog.locator('[data-testid="template-workflow-flux_branchgrpo_hps"]').click()
+    page.wait_js("() => app.graph.nodes.some((n) => n.type === 'BranchGRPOTrainer')"
+                 " && app.graph.nodes.some((n) => n.type === 'BranchGRPOHPSLoader')", timeout_s=30)
+
+
 def test_page_has_no_console_errors_after_loading_the_workflows(page):
     assert not page.errors(), "\n".join(page.errors())
 
 
 if __name__ == "__main__":
-    for p in regenerate(sys.argv[1:] or None):
+    args = sys.argv[1:]
+    only_thumbnails = "--thumbnails" in args
+    for p in regenerate([a for a in args if not a.startswith("--")] or None, workflows=not only_thumbnails):
         print("wrote", p)

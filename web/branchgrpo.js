@@ -184,12 +184,17 @@ function resolveNode(id, run) {
     return walk(node?.subgraph, parts.slice(1));
   };
   if (id != null) candidates.push(walk(app.graph, String(id).split(":")));
-  for (const chart of charts) if (nodeRun(chart.node) === run) candidates.push(chart.node);
+  for (const chart of liveCharts()) if (nodeRun(chart.node) === run) candidates.push(chart.node);
   return candidates.find((n) => n && n.type === NODE_TYPE && n.branchgrpoChart) ?? null;
 }
 
+/** Charts of nodes that are in a graph (onRemoved drops the others from `charts`). */
+function liveCharts() {
+  return [...charts].filter((chart) => chart.node.graph);
+}
+
 function redrawRun(run) {
-  for (const chart of charts) if (nodeRun(chart.node) === run) chart.draw();
+  for (const chart of liveCharts()) if (nodeRun(chart.node) === run) chart.draw();
 }
 
 // ------------------------------------------------------------------ drawing
@@ -426,7 +431,11 @@ function makeChart(node) {
     if (frame) return;
     frame = requestAnimationFrame(() => { frame = 0; chart.draw(); });
   };
-  if (typeof ResizeObserver !== "undefined") new ResizeObserver(() => chart.schedule()).observe(element);
+  if (typeof ResizeObserver !== "undefined") {
+    chart.observer = new ResizeObserver(() => chart.schedule());
+    chart.observer.observe(element);
+  }
+  chart.dispose = () => { chart.observer?.disconnect(); charts.delete(chart); };
   return chart;
 }
 
@@ -454,7 +463,7 @@ function attachChart(node) {
   }
   const onRemoved = node.onRemoved;
   node.onRemoved = function (...args) {
-    charts.delete(chart);
+    chart.dispose();
     return onRemoved?.apply(this, args);
   };
   const [w, h] = node.size;
@@ -467,7 +476,7 @@ function attachChart(node) {
 function pollRuns() {
   const now = Date.now();
   const wanted = new Set();
-  for (const chart of charts) {
+  for (const chart of liveCharts()) {
     const run = nodeRun(chart.node);
     if (run && now - (lastLive.get(run) ?? 0) > POLL_MS) wanted.add(run);
   }
