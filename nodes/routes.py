@@ -21,7 +21,9 @@ def _clean(value):
     """JSON-safe: finite numbers stay, NaN/inf become null, strings stay, the rest is dropped."""
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
         return float(value) if math.isfinite(float(value)) else None
     if isinstance(value, str):
         return value

@@ -15,7 +15,7 @@ import shutil
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 CHROMIUM = os.environ.get("BRANCHGRPO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,7 +38,7 @@ KNOWN_NOISE = [
 ]
 
 
-def browser_missing_reason() -> Optional[str]:
+def browser_missing_reason() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -52,7 +52,7 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
 
 
-def http_json(url: str, payload: Any = None, method: Optional[str] = None, timeout: float = 30.0):
+def http_json(url: str, payload: Any = None, method: str | None = None, timeout: float = 30.0):
     """(status, parsed body) of one request; HTTP errors are returned, not raised."""
     data = json.dumps(payload).encode() if payload is not None else None
     req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
@@ -69,7 +69,7 @@ def http_json(url: str, payload: Any = None, method: Optional[str] = None, timeo
         return status, text
 
 
-def shipped_workflows() -> List[Path]:
+def shipped_workflows() -> list[Path]:
     return sorted(WORKFLOWS_DIR.glob("*.json"))
 
 
@@ -81,7 +81,7 @@ class ComfyPage:
         self.context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
         self.page = self.context.new_page()
         self.page.set_default_timeout(PAGE_TIMEOUT_MS)
-        self.messages: List[dict] = []
+        self.messages: list[dict] = []
         self.page.on("console", self._on_console)
         self.page.on("pageerror", lambda e: self.messages.append(
             {"type": "pageerror", "text": f"{e}\n{getattr(e, 'stack', '') or ''}", "url": ""}))
@@ -91,7 +91,7 @@ class ComfyPage:
             loc = msg.location or {}
             self.messages.append({"type": msg.type, "text": msg.text, "url": loc.get("url", "")})
 
-    def open(self, path: str = "/") -> "ComfyPage":
+    def open(self, path: str = "/") -> ComfyPage:
         """Load the page; returns when the graph, the node definitions and our extension are ready."""
         http_json(self.url + "/api/settings", {"Comfy.TutorialCompleted": True})
         self.page.goto(self.url + path)
@@ -100,7 +100,7 @@ class ComfyPage:
             " && app.extensions?.some(e => e.name === 'BranchGRPO.LiveChart')", timeout=PAGE_TIMEOUT_MS)
         return self
 
-    def reload(self) -> "ComfyPage":
+    def reload(self) -> ComfyPage:
         self.page.reload()
         self.page.wait_for_function(
             "() => window.app?.graph && window.LiteGraph?.registered_node_types?.BranchGRPOTrainer"
@@ -113,7 +113,7 @@ class ComfyPage:
     def wait_js(self, predicate: str, arg: Any = None, timeout_s: float = 60.0):
         return self.page.wait_for_function(predicate, arg=arg, timeout=timeout_s * 1000)
 
-    def errors(self) -> List[str]:
+    def errors(self) -> list[str]:
         """Console errors and page errors that are not known frontend noise (KNOWN_NOISE)."""
         out = []
         for m in self.messages:
