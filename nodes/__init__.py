@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .demo_model import DemoModelLoaderNode
 from .export_config import ExportRunConfigNode
 from .lora_io import SaveLoRANode
 from .plot import MetricsPlotNode
@@ -16,7 +17,7 @@ from .trainer import TrainerNode
 NODES: list[type[io.ComfyNode]] = [
     BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, SaveLoRANode,
     MetricsPlotNode, *REWARD_NODES,
-    TinyFlowModelLoaderNode, ExportRunConfigNode,
+    TinyFlowModelLoaderNode, ExportRunConfigNode, DemoModelLoaderNode,
 ]
 
 
