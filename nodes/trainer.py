@@ -45,6 +45,7 @@ def _send(event: str, data: dict) -> None:
     try:
         from server import PromptServer
         server = PromptServer.instance
+        data = {"prompt_id": getattr(server, "last_prompt_id", None), **data}
         server.send_sync(event, data, server.client_id)
     except Exception:  # no server (tests, headless): nothing to stream to
         pass

@@ -113,10 +113,10 @@ def test_training_graph_writes_lora_reports_metrics_and_loads_in_stock_loader(co
     entry = comfy.run(graph, timeout=600)
     assert entry["status"]["status_str"] == "success"
     pid = entry["prompt"][1]
-    metrics = [m["data"] for m in comfy.messages_for(pid) if m.get("type") == "branchgrpo.metrics"]
-    if not metrics:  # custom events carry no prompt id: take those of this run
-        metrics = [m["data"] for m in comfy.messages if m.get("type") == "branchgrpo.metrics"
-                   and m["data"].get("run") == "train_ok"]
+    metrics = [m["data"] for m in comfy.messages_for(pid, "branchgrpo.metrics")]
+    assert all(m["run"] == "train_ok" for m in metrics)
+    progress = comfy.messages_for(pid, "progress")
+    assert any((m["data"] or {}).get("node") == "trainer" for m in progress), "no progress from the Trainer"
     assert [m["iteration"] for m in metrics] == [1, 2]
     assert {"reward_mean", "reward_max", "reward_min", "loss", "adv_std"} <= set(metrics[-1]["metrics"])
     assert metrics[-1]["tree"]["widths"] == [1, 2, 2, 4, 4, 4, 4]
