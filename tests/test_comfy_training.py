@@ -227,3 +227,30 @@ def test_interrupt_keeps_checkpoint_and_resume_continues(comfy, comfy_base, mode
     assert f"{done + 1}/{done + 1} iterations (resumed from {done})" in text
     assert int(torch.load(ck, weights_only=True)["iteration"]) == done + 1
     assert not [p for p in ck.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_training_with_a_reward_mix(comfy, comfy_base, models):
+    """A Reward Mix (tiny LAION aesthetic on a tiny CLIP + a weight-free reward, advantage-sum
+    aggregation) drives a training run; the per-reward means are reported."""
+    import tiny_rewards as tr
+    folder = comfy_base / "models" / "reward_models"
+    tr.write_tiny_clip(folder / "clip-vit-large-patch14")
+    tr.write_tiny_aesthetic(folder)
+    common = {"dtype": "auto", "batch_size": 8, "max_frames": 0, "temporal_weight": 0.0}
+    graph = training_graph(models, "reward_mix", iterations=1, extra={
+        "aes": {"class_type": "BranchGRPOAestheticLoader", "inputs": {
+            "checkpoint": "sac+logos+ava1-l14-linearMSE.pth", "clip": "clip-vit-large-patch14", **common}},
+        "bright": {"class_type": "BranchGRPOWeightFreeReward", "inputs": {"reward": "brightness"}},
+        "mix": {"class_type": "BranchGRPORewardMix", "inputs": {
+            "reward_1": ["aes", 0], "weight_1": 1.0, "reward_2": ["bright", 0], "weight_2": 0.5,
+            "weight_3": 1.0, "weight_4": 1.0, "aggregation": "advantage_sum"}},
+    })
+    graph["trainer"]["inputs"]["reward"] = ["mix", 0]
+    graph["save"]["inputs"]["filename"] = "branchgrpo/mix_lora"
+    entry = comfy.run(graph, timeout=600)
+    assert entry["status"]["status_str"] == "success"
+    events = [m["data"] for m in comfy.messages_for(entry["prompt"][1], "branchgrpo.metrics")]
+    assert len(events) == 1
+    per_reward = [k for k in events[0]["metrics"] if k.startswith("reward/")]
+    assert len(per_reward) == 2, events[0]["metrics"].keys()
+    assert (comfy_base / "models" / "loras" / "branchgrpo" / "mix_lora.safetensors").is_file()
