@@ -236,7 +236,7 @@ def test_training_with_a_reward_mix(comfy, comfy_base, models):
     folder = comfy_base / "models" / "reward_models"
     tr.write_tiny_clip(folder / "clip-vit-large-patch14")
     tr.write_tiny_aesthetic(folder)
-    common = {"dtype": "auto", "batch_size": 8, "max_frames": 0, "temporal_weight": 0.0}
+    common = {"dtype": "fp32", "batch_size": 8, "max_frames": 0, "temporal_weight": 0.0}
     graph = training_graph(models, "reward_mix", iterations=1, extra={
         "aes": {"class_type": "BranchGRPOAestheticLoader", "inputs": {
             "checkpoint": "sac+logos+ava1-l14-linearMSE.pth", "clip": "clip-vit-large-patch14", **common}},
