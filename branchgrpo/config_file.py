@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import textwrap
 import tomllib
 import types
@@ -38,6 +37,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .fileio import write_text_atomic  # noqa: F401  (re-exported for the CLI and the nodes)
 from .advantage import AdvantageConfig
 from .loss import OptimConfig
 from .presets import PRESETS
@@ -675,19 +675,3 @@ def default_template(preset: str = "branchgrpo", family: str = "flux") -> str:
     return dump_toml(data, docs=True, header=header)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file in the target folder, fsync, then rename over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".toml", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -20,7 +20,6 @@ import fnmatch
 import json
 import math
 import os
-import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors import torch as safetensors_torch
 from torch import Tensor, nn
+
+from .fileio import atomic_write
 
 __all__ = ["LoRAConfig", "LoRA", "freeze_base", "save_lora", "save_state_dict", "load_lora_file"]
 
@@ -483,31 +484,8 @@ def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, Tensor],
             raise TypeError(f"save_lora: metadata keys must be strings, got {k!r}")
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        safetensors_torch.save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename on POSIX; a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    data = safetensors_torch.save(tensors, metadata=meta)
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from .advantage import AdvantageConfig, compute_advantages
 from .loss import OptimConfig, policy_update
 from .distributed import SingleProcess
+from .fileio import atomic_write
 from .models.base import VelocityModel
 from .pruning import PruningConfig, active_depths, select_edges
 from .schedule import BranchSchedule
@@ -112,21 +112,8 @@ def _seed_for(seed: int, iteration: int, salt: int = 0) -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the target folder, fsync, then rename over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through :func:`branchgrpo.fileio.atomic_write`."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class BranchGRPOTrainer:

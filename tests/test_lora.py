@@ -438,13 +438,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     _, new = _adapted(rank=4, alpha=4.0)
     path = tmp_path / "adapter.safetensors"
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    import branchgrpo.fileio as fileio
+
+    def failing_fsync(fd):  # the data is written, the flush to disk fails
         raise OSError("disk full")
 
     with monkeypatch.context() as m:
-        m.setattr(safetensors.torch, "save_file", failing_save)
+        m.setattr(fileio.os, "fsync", failing_fsync)
         with pytest.raises(OSError, match="disk full"):
             save_lora(path, new)
     assert os.listdir(tmp_path) == []  # neither the target nor a temp file
@@ -452,7 +452,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_lora(path, old, metadata={"version": "old"})
     original = path.read_bytes()
     with monkeypatch.context() as m:
-        m.setattr(safetensors.torch, "save_file", failing_save)
+        m.setattr(fileio.os, "fsync", failing_fsync)
         with pytest.raises(OSError, match="disk full"):
             save_lora(path, new, metadata={"version": "new"})
     assert os.listdir(tmp_path) == ["adapter.safetensors"]
