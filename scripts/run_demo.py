@@ -358,9 +358,11 @@ class Runner:
 
 def summarise(entry: dict, prompt: dict, base: Path | None, metrics: list[dict], k: int = 5) -> dict:
     """Paths of what the workflow wrote (LoRA, images) and the reward trend."""
-    out = {"loras": [], "images": [], "metrics": metrics}
+    out = {"loras": [], "images": [], "texts": {}, "metrics": metrics}
     for nid, o in (entry.get("outputs") or {}).items():
         title = ((prompt.get(nid) or {}).get("_meta") or {}).get("title") or (prompt.get(nid) or {}).get("class_type")
+        if o.get("text"):
+            out["texts"][nid] = {"title": title, "text": [str(t) for t in o["text"]]}
         for name in o.get("lora_name") or []:
             path = str(base / "models" / "loras" / name) if base else name
             out["loras"].append({"node": nid, "title": title, "name": name, "path": path})
@@ -374,6 +376,18 @@ def summarise(entry: dict, prompt: dict, base: Path | None, metrics: list[dict],
         first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
         out["reward"] = {"first": first, "last": last, "gain": last - first, "window": k, "iterations": len(rewards)}
     return out
+
+
+def reward_label(prompt: dict) -> str:
+    """What the Trainer's reward input is: the weight-free reward's name, else the node's title / type."""
+    for entry in prompt.values():
+        src = entry["inputs"].get("reward") if entry["class_type"] == "BranchGRPOTrainer" else None
+        if isinstance(src, list) and src[0] in prompt:
+            node = prompt[src[0]]
+            if node["class_type"] == "BranchGRPOWeightFreeReward":
+                return str(node["inputs"].get("reward"))
+            return (node.get("_meta") or {}).get("title") or node["class_type"]
+    return "reward"
 
 
 def server_base_dir(url: str) -> Path | None:
@@ -431,14 +445,14 @@ def main(argv=None) -> int:
         elapsed = time.monotonic() - t0
         base = Path(args.base_dir) if server else server_base_dir(url)
         summary = summarise(entry, prompt, base, runner.metrics)
-        summary["seconds"] = elapsed
+        summary.update(seconds=elapsed, prompt_id=runner.prompt_id)
     finally:
         if server is not None:
             server.stop()
     say(f"done: the workflow ran in {elapsed:.0f} s ({elapsed / 60:.1f} min)")
     if "reward" in summary:
         r = summary["reward"]
-        say(f"reward (jpeg_compressibility, mean of the first vs last {r['window']} of {r['iterations']} iterations): "
+        say(f"reward ({reward_label(prompt)}; mean of the first vs last {r['window']} of {r['iterations']} iterations): "
             f"{r['first']:.4f} -> {r['last']:.4f} ({r['gain']:+.4f})")
     for lo in summary["loras"]:
         say(f"LoRA:  {lo['path']}")
