@@ -10,10 +10,11 @@ metadata (architecture, prompt vocabulary, training settings), so the node needs
     .venv/bin/python -m demo.make_demo_model              # export; trains only if bench/.cache is missing/stale
     .venv/bin/python -m demo.make_demo_model --retrain    # train from scratch (fixed seeds), then export
 
-Runtime: exporting from the cache takes a few seconds. Training from scratch is 1200 AdamW steps of batch 32
-(``bench.pretrain.TrainConfig``): about 5-7 minutes on 2 idle CPU cores (the cached weights in the repo took
-~25 minutes because they were trained next to other jobs). A retrain reproduces the weights up to
-floating-point differences between CPUs / torch builds (same seeds, same step count).
+Runtime on 2 CPU cores: exporting from the cache takes under a minute (most of it the fp16 check below, 2 x 64
+samples). Training from scratch is 1200 AdamW steps of batch 32 (``bench.pretrain.TrainConfig``): 60 steps took
+10 s, so about 3.5 minutes (the shipped weights' json records 1482 s: they were trained next to other jobs).
+A retrain reproduces the weights up to floating-point differences between CPUs / torch builds (same seeds,
+same step count).
 
 The cache (``bench/.cache/toy_dit.safetensors`` + ``toy_dit.json``) is used only when its json matches the
 current architecture, training settings and data version exactly (``bench.pretrain.load_pretrained``);
