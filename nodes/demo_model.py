@@ -206,7 +206,10 @@ class DemoTextEncoder:
         return self.encode_from_tokens(self.tokenize(text))
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        return []
+        return []  # no weights to patch: a LoRA's text-encoder part does nothing here
+
+    def clip_layer(self, layer_idx):
+        pass  # one "layer": CLIP Set Last Layer has nothing to change
 
     def add_hooks_to_dict(self, pooled_dict):
         return pooled_dict
