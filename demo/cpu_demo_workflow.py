@@ -112,9 +112,11 @@ NOTE_SCHEDULE = (
     "is 20 steps forking at 0, 3, 6, 9.")
 NOTE_TRAIN = (
     "Trainer (BranchGRPO): each iteration samples one tree per prompt, scores the 16 leaves, averages rewards up "
-    "the tree into per-depth advantages and takes a PPO-clip step on a rank-8 LoRA (learning rate 1e-3). The chart on the node shows the "
+    "the tree into per-depth advantages and takes a PPO-clip step on a rank-8 LoRA (learning rate 1e-3). The "
+    "chart on the node shows the "
     "reward rising: about +25 over the 24 iterations, ~3 s each on 2 CPU cores (more iterations or a higher "
-    "learning rate go further, until the shapes turn into saturated blobs). Save LoRA writes models/loras/branchgrpo/cpu_demo.safetensors (ComfyUI's LoRA format: the stock "
+    "learning rate go further, until the shapes turn into saturated blobs). Save LoRA writes "
+    "models/loras/branchgrpo/cpu_demo.safetensors (ComfyUI's LoRA format: the stock "
     "LoraLoaderModelOnly loads it); the reward curve goes to output/branchgrpo/.")
 NOTE_AFTER = (
     "The same prompt, seed and latent through the stock KSampler twice: BEFORE with the base model, AFTER with the "

@@ -104,9 +104,10 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="demo_pretrain_")
         cache = Path(tmp.name)
     expected = pretrain._meta(mc, tc)
-    cached = (cache / pretrain.WEIGHTS_NAME).exists() and pretrain._cache_matches(cache / pretrain.CONFIG_NAME, expected)
-    print(f"[make_demo_model] {'using the cached pre-training in ' + str(cache) if cached else 'training (no matching cache)'}",
-          flush=True)
+    cached = ((cache / pretrain.WEIGHTS_NAME).exists()
+              and pretrain._cache_matches(cache / pretrain.CONFIG_NAME, expected))
+    what = f"using the cached pre-training in {cache}" if cached else "training (no matching cache)"
+    print(f"[make_demo_model] {what}", flush=True)
     net = pretrain.load_pretrained(cache_dir=cache, model_config=mc, train_config=tc)
     meta = json.loads((cache / pretrain.CONFIG_NAME).read_text())
     dtype = DTYPES[args.dtype]

@@ -149,7 +149,8 @@ def build_demo_model(path: str = DEMO_FILE):
         net = _comfy_ops(DemoDiT(config))
         net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         net.eval().requires_grad_(False)
-        base = DemoFlowModel(DemoModelConfig(dict(DemoModelConfig.unet_config)), net, device=comfy.model_management.unet_offload_device())
+        base = DemoFlowModel(DemoModelConfig(dict(DemoModelConfig.unet_config)), net,
+                             device=comfy.model_management.unet_offload_device())
     mp = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                           offload_device=comfy.model_management.unet_offload_device())
     return mp, names
@@ -185,7 +186,8 @@ class DemoTextEncoder:
         return {"demo_class": [[(self.class_id(text), 1.0)]]}
 
     def _one_hot(self, tokens: dict) -> torch.Tensor:
-        ids = [tok[0] if isinstance(tok, (tuple, list)) else int(tok) for batch in tokens["demo_class"] for tok in batch]
+        ids = [tok[0] if isinstance(tok, (tuple, list)) else int(tok)
+               for batch in tokens["demo_class"] for tok in batch]
         out = torch.zeros(len(ids), self.null + 1)
         out[torch.arange(len(ids)), torch.tensor(ids)] = 1.0
         return out

@@ -349,7 +349,8 @@ class Runner:
             except Exception:
                 pass
         if state != "success":
-            err = self.error or next((d for n, d in entry["status"].get("messages") or [] if n == "execution_error"), {})
+            messages = entry["status"].get("messages") or []
+            err = self.error or next((d for n, d in messages if n == "execution_error"), {})
             raise RuntimeError(f"the workflow failed in node {err.get('node_id')} ({err.get('node_type')}): "
                                f"{err.get('exception_type', '')}: {err.get('exception_message')}\n"
                                + "".join(err.get("traceback") or [])[-3000:])
@@ -409,7 +410,8 @@ def main(argv=None) -> int:
     ap.add_argument("--url", default="", help="a running ComfyUI (default: start the sandbox's own)")
     ap.add_argument("--base-dir", default=str(ROOT / ".comfy-base"), help="--base-directory of the server this script "
                     "starts (default: %(default)s)")
-    ap.add_argument("--port", type=int, default=8188, help="preferred port of the started server (a free one otherwise)")
+    ap.add_argument("--port", type=int, default=8188,
+                    help="preferred port of the started server (a free one otherwise)")
     ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                     help="override an input, e.g. --set 5.iterations=4 or --set BranchGRPOTrainer.seed=1")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is interrupted")
@@ -452,7 +454,8 @@ def main(argv=None) -> int:
     say(f"done: the workflow ran in {elapsed:.0f} s ({elapsed / 60:.1f} min)")
     if "reward" in summary:
         r = summary["reward"]
-        say(f"reward ({reward_label(prompt)}; mean of the first vs last {r['window']} of {r['iterations']} iterations): "
+        say(f"reward ({reward_label(prompt)}; mean of the first vs last {r['window']} of {r['iterations']} "
+            "iterations): "
             f"{r['first']:.4f} -> {r['last']:.4f} ({r['gain']:+.4f})")
     for lo in summary["loras"]:
         say(f"LoRA:  {lo['path']}")
