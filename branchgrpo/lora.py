@@ -81,6 +81,17 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+def _matches(name: str, config: LoRAConfig) -> bool:
+    return (any(fnmatch.fnmatchcase(name, p) for p in config.targets)
+            and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
+
+
+def select_linear(root: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, module)`` pairs of ``root`` a LoRA with ``config`` adapts, sorted by name."""
+    return sorted((name, module) for name, module in root.named_modules()
+                  if name and isinstance(module, nn.Linear) and _matches(name, config))
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -169,10 +180,7 @@ class LoRA(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        found = sorted(
-            (name, module) for name, module in root.named_modules()
-            if name and isinstance(module, nn.Linear) and self._selected(name)
-        )
+        found = select_linear(root, config)
         if not found:
             raise ValueError(self._no_match_message(root))
         self.names: list[str] = [name for name, _ in found]
@@ -191,9 +199,7 @@ class LoRA(nn.Module):
     # ------------------------------------------------------------------ selection
 
     def _selected(self, name: str) -> bool:
-        c = self.config
-        return (any(fnmatch.fnmatchcase(name, p) for p in c.targets)
-                and not any(fnmatch.fnmatchcase(name, p) for p in c.exclude))
+        return _matches(name, self.config)
 
     def _no_match_message(self, root: nn.Module) -> str:
         c = self.config

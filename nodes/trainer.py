@@ -16,7 +16,7 @@ import comfy.utils
 import folder_paths
 from branchgrpo.advantage import AdvantageConfig
 from branchgrpo.loss import OptimConfig
-from branchgrpo.lora import LoRAConfig
+from branchgrpo.lora import LoRAConfig, select_linear
 from branchgrpo.pruning import PruningConfig
 from branchgrpo.rewards.base import Reward
 from branchgrpo.schedule import BranchSchedule
@@ -306,16 +306,11 @@ def unpack_reward(reward) -> tuple[list, list[float], str]:
 
 
 def count_lora_params(model_patcher, lora_cfg: LoRAConfig) -> int:
-    import fnmatch
-    n = 0
-    for name, m in model_patcher.model.diffusion_model.named_modules():
-        if name and isinstance(m, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in lora_cfg.targets) \
-                and not any(fnmatch.fnmatchcase(name, p) for p in lora_cfg.exclude):
-            n += lora_cfg.rank * (m.in_features + m.out_features)
-    if n == 0:
+    layers = select_linear(model_patcher.model.diffusion_model, lora_cfg)
+    if not layers:
         raise ValueError(f"{NODE}: lora_targets — {','.join(lora_cfg.targets)!r} matches no Linear layer of the "
                          "model; use '*' or a pattern such as '*attn*'.")
-    return n
+    return sum(lora_cfg.rank * (m.in_features + m.out_features) for _, m in layers)
 
 
 __all__ = ["TrainerNode", "LoraStateDict", "checkpoint_dir", "unpack_reward", "Reward"]
