@@ -26,11 +26,10 @@ import torch
 
 from branchgrpo import BranchGRPOTrainer, preset
 from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+from branchgrpo.models.toy_dit import CLASS_NAMES
 from branchgrpo.rewards.weight_free import JpegCompressibility
 from branchgrpo.sde import sigma_schedule
-
-from .pretrain import load_velocity_model
-from .toy_model import CLASS_NAMES
+from demo.pretrain import load_velocity_model
 
 PRESET_ORDER = ("dancegrpo", "dancegrpo-tf0.6", "mixgrpo", "flowgrpo", "branchgrpo", "branchgrpo-deppru",
                 "branchgrpo-widpru", "branchgrpo-mix")

@@ -1,26 +1,26 @@
 """Make ``demo/tiny_t2i.safetensors``: the embedded CPU demo model of the pack.
 
-The demo model is the benchmark's toy text-to-image flow model (``bench/toy_model.py``: a 2.8 M-parameter
-class-conditional pixel-space DiT, 16x16 RGB images, 8 prompts = :data:`bench.toy_model.CLASS_NAMES`),
-pre-trained by ``bench/pretrain.py`` on procedural shapes (rectified flow, fixed seeds: ``TrainConfig.seed``
-drives the data, the noise, the sigmas and the initialisation). This script runs that pre-training (or takes
-its cached result) and exports the EMA weights with everything the ComfyUI loader needs in the safetensors
-metadata (architecture, prompt vocabulary, training settings), so the node needs no other file.
+The demo model is the pack's toy text-to-image flow model (``branchgrpo/models/toy_dit.py``: a 2.8 M-parameter
+class-conditional pixel-space DiT, 16x16 RGB images, 8 prompts = :data:`branchgrpo.models.toy_dit.CLASS_NAMES`),
+pre-trained by ``demo/pretrain.py`` on procedural shapes (``branchgrpo/models/toy_data.py``; rectified flow, fixed
+seeds: ``TrainConfig.seed`` drives the data, the noise, the sigmas and the initialisation). This script runs that
+pre-training (or takes its cached result) and exports the EMA weights with everything the ComfyUI loader needs in
+the safetensors metadata (architecture, prompt vocabulary, training settings), so the node needs no other file.
 
-    .venv/bin/python -m demo.make_demo_model              # export; trains only if bench/.cache is missing/stale
+    .venv/bin/python -m demo.make_demo_model              # export; trains only if demo/.cache is missing/stale
     .venv/bin/python -m demo.make_demo_model --retrain    # train from scratch (fixed seeds), then export
 
 Runtime on 2 CPU cores: exporting from the cache takes under a minute (most of it the fp16 check below, 2 x 64
-samples). Training from scratch is 1200 AdamW steps of batch 32 (``bench.pretrain.TrainConfig``): 60 steps took
+samples). Training from scratch is 1200 AdamW steps of batch 32 (``demo.pretrain.TrainConfig``): 60 steps took
 10 s, so about 3.5 minutes (the shipped weights' json records 1482 s: they were trained next to other jobs).
 A retrain reproduces the weights up to floating-point differences between CPUs / torch builds (same seeds,
 same step count).
 
-The cache (``bench/.cache/toy_dit.safetensors`` + ``toy_dit.json``) is used only when its json matches the
-current architecture, training settings and data version exactly (``bench.pretrain.load_pretrained``);
-otherwise the model is trained again. Weights are stored as float16 by default (half the size; the loader
-computes in float32) after checking that fp16 storage leaves the samples and the JPEG reward unchanged:
-the check is printed, and ``--dtype float32`` keeps full precision.
+The cache (``demo/.cache/toy_dit.safetensors`` + ``toy_dit.json``, shared with the toy benchmark) is used only when
+its json matches the current architecture, training settings and data version exactly
+(``demo.pretrain.load_pretrained``); otherwise the model is trained again. Weights are stored as float16 by default
+(half the size; the loader computes in float32) after checking that fp16 storage leaves the samples and the JPEG
+reward unchanged: the check is printed, and ``--dtype float32`` keeps full precision.
 """
 from __future__ import annotations
 
@@ -32,14 +32,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import pretrain  # noqa: E402
-from bench.toy_model import CLASS_NAMES, ToyDiT, ToyDiTConfig, decode, sample  # noqa: E402
+from branchgrpo.fileio import atomic_write  # noqa: E402
+from branchgrpo.models.toy_dit import CLASS_NAMES, ToyDiT, ToyDiTConfig, decode, sample  # noqa: E402
+from demo import pretrain  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "tiny_t2i.safetensors"
 FORMAT = "branchgrpo-demo-t2i/1"
@@ -61,9 +62,9 @@ def export(net: ToyDiT, meta: dict, path: Path, dtype: torch.dtype) -> dict:
         "final_loss": f"{meta.get('final_loss', float('nan')):.6f}",
         "train_seconds": f"{meta.get('train_seconds', float('nan')):.1f}",
         "dtype": str(dtype).replace("torch.", ""),
-        "made_by": "python -m demo.make_demo_model (pre-training: bench/pretrain.py)",
+        "made_by": "python -m demo.make_demo_model (pre-training: demo/pretrain.py)",
     }
-    pretrain._atomic_write(path, lambda p: save_file(state, p, metadata=md))
+    atomic_write(path, lambda fh: fh.write(save(state, metadata=md)))
     return md
 
 
@@ -90,9 +91,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="See the module docstring for runtimes.")
     ap.add_argument("--retrain", action="store_true",
-                    help="train from scratch (fixed seeds) into a fresh cache instead of using bench/.cache")
+                    help="train from scratch (fixed seeds) into a fresh cache instead of using demo/.cache")
     ap.add_argument("--cache-dir", default=str(pretrain.CACHE_DIR),
-                    help="pre-training cache (default: bench/.cache, shared with the benchmark)")
+                    help="pre-training cache (default: demo/.cache, shared with the benchmark)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage dtype of the weights")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)

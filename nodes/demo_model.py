@@ -1,8 +1,8 @@
 """Demo Model Loader (CPU demo): the pack's embedded tiny text-to-image flow model as native MODEL, CLIP, VAE.
 
-``demo/tiny_t2i.safetensors`` (5.6 MB, made by ``python -m demo.make_demo_model``) is the benchmark's toy
-DiT (``bench/toy_model.py``): a class-conditional rectified-flow transformer that draws 16x16 RGB images of
-8 prompts (``red circle``, ``green square``, ... see :data:`bench.toy_model.CLASS_NAMES`). It is a custom
+``demo/tiny_t2i.safetensors`` (5.6 MB, made by ``python -m demo.make_demo_model``) is the pack's toy
+DiT (``branchgrpo/models/toy_dit.py``): a class-conditional rectified-flow transformer that draws 16x16 RGB images of
+8 prompts (``red circle``, ``green square``, ... see :data:`branchgrpo.models.toy_dit.CLASS_NAMES`). It is a custom
 pixel-space architecture that no stock loader can build, so this node builds the ComfyUI objects itself:
 
 * MODEL: a real ``comfy.model_patcher.ModelPatcher`` over :class:`DemoFlowModel`, a ``model_base.BaseModel``
@@ -35,7 +35,7 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.supported_models_base
 
-from ..bench.toy_model import CLASS_NAMES, ToyDiT, ToyDiTConfig
+from branchgrpo.models.toy_dit import CLASS_NAMES, ToyDiT, ToyDiTConfig
 from . import types as T
 
 NODE = "Demo Model Loader (CPU demo)"

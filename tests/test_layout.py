@@ -1,0 +1,120 @@
+"""The layout of the repository: the product never imports the benchmark.
+
+``branchgrpo/``, ``nodes/``, ``demo/`` and the pack's ``__init__.py`` are what a registry install ships; ``bench/``
+is run by hand. Arrows point from ``bench/`` into the product, never back: every Python file of the product is
+parsed and each of its imports (absolute, relative, ``importlib.import_module("...")``) resolved to a module path.
+The demo's tiny model lives in the product (``branchgrpo/models/toy_dit.py``) and still loads the shipped
+``demo/tiny_t2i.safetensors``.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PRODUCT = ("branchgrpo", "nodes", "demo")
+FORBIDDEN = "bench"
+
+
+def _imported_modules(source: str, package: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(line, dotted module)`` for every import in ``source``, relative ones resolved against ``package``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            up = node.level - 1  # `from .x` stays in `package`, each extra dot goes up one
+            if not node.level:
+                base = []
+            else:
+                base = list(package[:len(package) - up]) if up <= len(package) else ["<above the repository>"]
+            mod = ".".join(base + ([node.module] if node.module else []))
+            found.append((node.lineno, mod))
+            if not node.module:  # `from .. import bench`
+                found += [(node.lineno, ".".join(base + [a.name])) for a in node.names]
+        elif isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def _bench_imports(source: str, package: tuple[str, ...]) -> list[str]:
+    return [f"line {line}: {mod}" for line, mod in _imported_modules(source, package)
+            if mod == FORBIDDEN or mod.startswith(FORBIDDEN + ".")]
+
+
+def _product_files() -> list[Path]:
+    files = [ROOT / "__init__.py"]
+    for top in PRODUCT:
+        files += sorted(p for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts)
+    return files
+
+
+def test_the_checker_sees_every_kind_of_import():
+    # the rule below would pass vacuously if the resolver missed a form; each of these must be caught
+    cases = {
+        "import bench.toy_model": ("nodes",),
+        "from bench.pretrain import load_pretrained": ("demo",),
+        "from ..bench.toy_model import ToyDiT": ("nodes",),
+        "from ... import bench": ("branchgrpo", "models"),
+        "import importlib\nimportlib.import_module('bench.toy')": ("branchgrpo",),
+    }
+    for src, package in cases.items():
+        assert _bench_imports(src, package), src
+    # and these are not imports of the benchmark
+    for src, package in {"from .bench_utils import x": ("nodes",), "import benchmark": ("demo",),
+                         "from . import pretrain": ("demo",), "from ..branchgrpo import models": ("nodes",)}.items():
+        assert not _bench_imports(src, package), src
+
+
+def test_product_never_imports_the_benchmark():
+    files = _product_files()
+    assert len(files) > 30 and any(p.name == "demo_model.py" for p in files)
+    offenders = []
+    for path in files:
+        rel = path.relative_to(ROOT)
+        package = rel.parent.parts  # the package a relative import starts from
+        offenders += [f"{rel} {hit}" for hit in _bench_imports(path.read_text(encoding="utf-8"), package)]
+    assert not offenders, "the product imports bench/ (move the code into the product instead):\n" + \
+        "\n".join(offenders)
+
+
+def test_the_benchmark_imports_the_product_model():
+    import bench.pretrain
+    import bench.toy
+    from branchgrpo.models import toy_dit
+    from demo import pretrain
+
+    assert bench.toy.CLASS_NAMES is toy_dit.CLASS_NAMES
+    assert bench.toy.load_velocity_model is pretrain.load_velocity_model is bench.pretrain.load_velocity_model
+    assert pretrain.ToyDiT is toy_dit.ToyDiT
+
+
+def test_shipped_demo_weights_load_into_the_product_model():
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from branchgrpo.models.toy_dit import CLASS_NAMES, ToyDiT, ToyDiTConfig, decode, sample
+
+    path = ROOT / "demo" / "tiny_t2i.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert tuple(json.loads(meta["class_names"])) == CLASS_NAMES
+    net = ToyDiT(ToyDiTConfig.from_dict(json.loads(meta["model_config"])))
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    net.eval()
+    red, green = CLASS_NAMES.index("red circle"), CLASS_NAMES.index("green square")
+    img = decode(sample(net, [red, red, green, green], steps=10, seed=0))  # [4, 16, 16, 3] in [0, 1]
+    mean_rgb = img.mean(dim=(1, 2))
+    assert torch.all(mean_rgb[:2, 0] > mean_rgb[:2, 1]), mean_rgb  # red circles: more red than green
+    assert torch.all(mean_rgb[2:, 1] > mean_rgb[2:, 0]), mean_rgb  # green squares: more green than red
