@@ -3,12 +3,29 @@
 The content goes to a temporary file in the target folder, is flushed and fsynced, then renamed over
 the target (atomic on POSIX and Windows); on any failure the temporary file is removed and an older
 file at the target stays intact. Every checkpoint, LoRA and config the project writes goes through here.
+
+Files get the ordinary permissions of a new file (``0o666`` less the process umask, so ``0o644`` under the
+usual umask ``022``), like every other output of ComfyUI: a LoRA is meant to be shared. (``tempfile.mkstemp``
+would create them ``0o600``.)
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from typing import IO, Callable
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _create_temp(folder: str, name: str) -> tuple[int, str]:
+    """A new, empty file next to the target, created with mode ``0o666`` (the kernel applies the umask)."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+        try:
+            return os.open(tmp, _FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file for {name!r} in {folder}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
@@ -16,7 +33,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
             write(fh)
