@@ -1,6 +1,8 @@
 """ComfyUI nodes of the pack: thin wrappers that build engine objects and call ``branchgrpo``."""
 from __future__ import annotations
 
+import os
+
 from comfy_api.latest import ComfyExtension, io
 
 from .demo_model import DemoModelLoaderNode
@@ -17,10 +19,19 @@ from .trainer import TrainerNode
 NODES: list[type[io.ComfyNode]] = [
     BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, SaveLoRANode,
     MetricsPlotNode, *REWARD_NODES,
-    TinyFlowModelLoaderNode, ExportRunConfigNode, DemoModelLoaderNode,
+    ExportRunConfigNode, DemoModelLoaderNode,
 ]
+#: Test fixtures, not for users' menus: registered only when the server runs with BRANCHGRPO_DEV_NODES=1
+#: (the test suite's ComfyUI server sets it).
+DEV_NODES: list[type[io.ComfyNode]] = [TinyFlowModelLoaderNode]
+DEV_NODES_ENV = "BRANCHGRPO_DEV_NODES"
+
+
+def dev_nodes_enabled(environ=None) -> bool:
+    value = (os.environ if environ is None else environ).get(DEV_NODES_ENV, "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 class BranchGRPOExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        return list(NODES) + (list(DEV_NODES) if dev_nodes_enabled() else [])

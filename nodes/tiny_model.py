@@ -1,4 +1,7 @@
-"""Tiny random-weight flow model for tests and demos (NOT a real model: it generates noise-like images).
+"""Tiny random-weight flow model for the tests (NOT a real model: it generates noise-like images).
+
+A test fixture, not a user's node: the pack registers it only when ComfyUI runs with the environment variable
+``BRANCHGRPO_DEV_NODES=1`` (``nodes/__init__.py``; the test suite's server sets it), so it stays out of the menu.
 
 FLUX cannot be built small through the stock ``UNETLoader``: ComfyUI's model detection hard-codes
 24 heads and axes_dim [16, 56, 56], which forces hidden_size 3072. This node builds FLUX from an
@@ -98,11 +101,12 @@ class TinyFlowModelLoaderNode(io.ComfyNode):
         return io.Schema(
             node_id="BranchGRPOTinyFlowModelLoader", display_name="Tiny Random Flow Model (tests/demo)",
             category=T.CATEGORY + "/testing", is_experimental=True,
-            description="For tests and demos only: builds a TINY flow-matching model with RANDOM weights (not a "
-                        "real model; it generates noise-like images). 'flux' is a FLUX-dev-style model (guidance "
-                        "embedding on, 0.6 M parameters) that the stock UNETLoader cannot build small. Its text "
-                        "inputs match the stock CLIPLoader with type 'sd3' (context 4096, pooled 2048) and its "
-                        "latent is 16 channels (Empty SD3 Latent Image). Trains in seconds on a CPU.",
+            description="For tests only (listed when ComfyUI runs with BRANCHGRPO_DEV_NODES=1): builds a TINY "
+                        "flow-matching model with RANDOM weights (not a real model; it generates noise-like "
+                        "images). 'flux' is a FLUX-dev-style model (guidance embedding on, 0.6 M parameters) that "
+                        "the stock UNETLoader cannot build small. Its text inputs match the stock CLIPLoader with "
+                        "type 'sd3' (context 4096, pooled 2048) and its latent is 16 channels (Empty SD3 Latent "
+                        "Image). Trains in seconds on a CPU.",
             inputs=[
                 io.Combo.Input("family", options=list(TINY_CONFIGS), default="flux",
                                tooltip="Model family to build (flux: hidden 64, 1 double + 1 single block, "

@@ -142,7 +142,8 @@ class ComfyServer:
             raise ComfyError(reason)
         env = dict(os.environ)
         env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "DO_NOT_TRACK": "1"})
+                    "DO_NOT_TRACK": "1",
+                    "BRANCHGRPO_DEV_NODES": "1"})  # registers the test-only nodes (Tiny Random Flow Model)
         env.pop("PYTHONPATH", None)
         if self.env:
             env.update(self.env)
