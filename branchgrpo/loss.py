@@ -44,6 +44,9 @@ class OptimConfig:
     """0: one optimizer step per iteration; N: a step every N edges (see module doc)."""
     max_train_batch: int = 8
     """Parents per forward-with-gradient (bounds activation memory)."""
+    noise_weighting: bool = False
+    """Weight each edge's loss by its step's noise std over the mean std of the schedule's steps
+    (TempFlow-GRPO's noise-aware weighting: more weight where the SDE explores more)."""
 
     def validate(self, where: str = "OptimConfig") -> None:
         checks = [
@@ -68,6 +71,17 @@ def ppo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped)
     return loss, ratio, (clipped > unclipped).detach()
+
+
+def finite_edges(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """Edges whose ratio ``exp(new - old)`` and advantage are finite (checked without gradients).
+
+    A non-finite edge must be removed from the graph *before* ``exp``: masking its loss afterwards
+    still back-propagates ``0 * inf = NaN`` through ``exp`` into the shared parameters (and a clipped
+    ``-A * clip(inf)`` is even a finite loss with a NaN gradient)."""
+    with torch.no_grad():
+        ratio = torch.exp(logp_new.detach().float() - logp_old.float())
+        return torch.isfinite(ratio) & torch.isfinite(adv)
 
 
 def plan_minibatches(parents: torch.Tensor, counts: torch.Tensor, edges_per_step: int,
@@ -103,11 +117,17 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
     device = torch.device(device)
     stats = {"loss": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "ratio_max_dev": 0.0, "approx_kl": 0.0,
              "kl": 0.0, "grad_norm": 0.0, "optimizer_steps": 0, "nfe_train": 0, "edges_trained": 0,
-             "edges_skipped_nonfinite": 0}
+             "edges_skipped_nonfinite": 0, "optimizer_steps_skipped": 0}
     if edges.numel() == 0 and dist is None:
         return stats
     sigmas = tree.sigmas
     sigma_one = float(sigmas[1]) if tree.num_steps > 1 else None
+    step_weight = None
+    if cfg.noise_weighting:
+        s_all = sigmas[:-1].float()
+        _, std_all = step_distribution(torch.zeros(tree.num_steps, 1), torch.zeros(tree.num_steps, 1), s_all,
+                                       sigmas[1:].float(), schedule.sde, schedule.eta, sigma_one)
+        step_weight = (std_all.flatten() / std_all.mean()).to(device)
     edge_parent = tree.parent[edges]
     uniq, counts = torch.unique(edge_parent, return_counts=True)
     adv_all = advantages.float()
@@ -143,17 +163,25 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
             logp = gaussian_logprob(child, mean_k, std_k)
             old = tree.logprob[kids].to(device)
             adv = adv_all[kids].to(device)
+            finite = finite_edges(logp, old, adv)
+            # Dropped edges get ratio 1 and advantage 0 on their inputs, so nothing non-finite enters the graph.
+            logp = torch.where(finite, logp, old.detach())
+            adv = torch.where(finite, adv, torch.zeros_like(adv))
             loss, ratio, clipped = ppo_clip_loss(logp, old, adv, cfg.clip_range)
+            if step_weight is not None:
+                loss = loss * step_weight[tree.depth[kids].to(device) - 1]
             if cfg.kl_beta > 0:
                 with torch.no_grad(), (reference() if reference is not None else nullcontext()):
                     v_ref = model.velocity(xin, s_model.to(device), cond, idx).float()
                 mean_ref, _ = step_distribution(x, v_ref, s.to(device), s_next.to(device), schedule.sde,
                                                 schedule.eta, sigma_one)
                 kl = gaussian_kl(mean_k, mean_ref[pos_d], std_k)
+                finite = finite & torch.isfinite(kl.detach())
+                kl = torch.where(finite, kl, torch.zeros_like(kl))
                 loss = loss + cfg.kl_beta * kl
                 stats["kl"] += float(kl.detach().sum())
                 stats["nfe_train"] += par.numel()
-            finite = torch.isfinite(loss)
+            finite = finite & torch.isfinite(loss.detach())
             stats["edges_skipped_nonfinite"] += int((~finite).sum())
             if finite.any():
                 (loss[finite].sum() / n_mb).backward()
@@ -161,7 +189,9 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
             stats["loss"] += float(loss[finite].detach().sum())
             stats["clipfrac"] += float(clipped[finite].float().sum())
             stats["ratio_mean"] += float(ratio[finite].detach().sum())
-            stats["ratio_max_dev"] = max(stats["ratio_max_dev"], float((ratio.detach() - 1).abs().max()))
+            if finite.any():
+                stats["ratio_max_dev"] = max(stats["ratio_max_dev"],
+                                             float((ratio.detach()[finite] - 1).abs().max()))
             stats["approx_kl"] += float((old - logp.detach())[finite].sum())
             stats["edges_trained"] += int(finite.sum())
             done_parents += par.numel()
@@ -170,8 +200,10 @@ def policy_update(model: Any, cond: Any, tree: Tree, edges: torch.Tensor, advant
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if math.isfinite(float(gn)):
             optimizer.step()
-        grad_norms.append(float(gn))
-        stats["optimizer_steps"] += 1
+            grad_norms.append(float(gn))
+            stats["optimizer_steps"] += 1
+        else:
+            stats["optimizer_steps_skipped"] += 1
     optimizer.zero_grad(set_to_none=True)
     n = max(1, stats["edges_trained"])
     for key in ("loss", "clipfrac", "ratio_mean", "approx_kl", "kl"):

@@ -8,6 +8,7 @@ One dataclass describes every rollout the engine makes:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -41,7 +42,15 @@ class BranchSchedule:
     """Independent roots per prompt. 1 for a tree; 12-24 for flat GRPO groups."""
     sde_window: tuple[int, int] | None = None
     """``(start, size)``: only steps in ``[start, start+size)`` and split steps are SDE; others are ODE.
-    ``None``: every step is SDE."""
+    ``None``: every step is SDE. ``size = 0``: only the split steps are SDE (an ODE rollout when there
+    are no splits, for the forward-process objectives, which need no log-probability)."""
+    sde_window_range: tuple[int, int] | None = None
+    """``(lo, hi)``: the window's start is redrawn every iteration uniformly in ``[lo, hi - size]``
+    (Flow-GRPO-Fast). Seeded by the iteration, so a resumed run draws the same windows."""
+    branch_step_range: tuple[int, int] | None = None
+    """``(lo, hi)``: the one split step is redrawn every iteration uniformly in ``[lo, hi)``
+    (TempFlow-GRPO's trajectory branching). Needs exactly one entry in ``split_steps`` (the first
+    iteration's placeholder is replaced)."""
     sde_window_slide_every: int = 0
     """Move the SDE window one step later every this many iterations, wrapping to the start
     (MixGRPO's progressive window). 0 keeps it fixed (BranchGRPO-Mix)."""
@@ -83,9 +92,26 @@ class BranchSchedule:
             raise bad("group_size", f"must be an integer >= 1 (got {self.group_size!r}).")
         if self.sde_window is not None:
             start, size = self.sde_window
-            if size < 1 or not (0 <= start < self.num_steps):
-                raise bad("sde_window", f"must be (start, size) with 0 <= start < {self.num_steps} and size >= 1 "
+            if size < 0 or not (0 <= start < self.num_steps):
+                raise bad("sde_window", f"must be (start, size) with 0 <= start < {self.num_steps} and size >= 0 "
                           f"(got {self.sde_window}).")
+        if self.sde_window_range is not None:
+            lo, hi = self.sde_window_range
+            size = self.sde_window[1] if self.sde_window is not None else 0
+            if self.sde_window is None or size < 1 or not (0 <= lo <= hi - size and hi <= self.num_steps):
+                raise bad("sde_window_range", f"must be (lo, hi) with 0 <= lo <= hi - window size and hi <= "
+                          f"{self.num_steps}, with an sde_window of size >= 1 (got {self.sde_window_range}, "
+                          f"window {self.sde_window}).")
+        if self.branch_step_range is not None:
+            lo, hi = self.branch_step_range
+            if len(steps) != 1 or not (0 <= lo < hi <= self.num_steps - 1):
+                raise bad("branch_step_range", f"must be (lo, hi) with 0 <= lo < hi <= {self.num_steps - 1} and "
+                          f"exactly one split step (got {self.branch_step_range}, split_steps {steps}).")
+        last = self.num_steps - 1
+        if last in self.branching_at() and self.branching_at()[last] > 1:
+            raise bad("split_steps", f"contains the last step {last}: its children all get the clean estimate "
+                      f"x0 = x - sigma*v of their common parent, so the siblings are identical images with equal "
+                      f"rewards and zero advantage; split at most at step {last - 1}.")
         if self.sde_window_slide_every < 0:
             raise bad("sde_window_slide_every", "must be >= 0.")
         if self.num_leaves() < 2:
@@ -130,10 +156,23 @@ class BranchSchedule:
         """Parent -> child transitions recorded per prompt."""
         return sum(self.width_after())
 
+    def for_iteration(self, iteration: int) -> "BranchSchedule":
+        """The schedule of ``iteration``: the split step redrawn when ``branch_step_range`` is set."""
+        if self.branch_step_range is None:
+            return self
+        lo, hi = self.branch_step_range
+        g = torch.Generator().manual_seed(1_000_003 * int(iteration) + 29)
+        step = lo + int(torch.randint(hi - lo, (1,), generator=g))
+        return dataclasses.replace(self, split_steps=(step,), branch_step_range=None)
+
     def window_start(self, iteration: int) -> int | None:
         if self.sde_window is None:
             return None
         start, size = self.sde_window
+        if self.sde_window_range is not None:
+            lo, hi = self.sde_window_range
+            g = torch.Generator().manual_seed(1_000_003 * int(iteration) + 31)
+            return lo + int(torch.randint(hi - size - lo + 1, (1,), generator=g))
         if self.sde_window_slide_every > 0:
             span = max(1, self.num_steps - size + 1)
             start = (start + iteration // self.sde_window_slide_every) % span

@@ -446,3 +446,74 @@ def test_a_tree_does_not_depend_on_the_other_trees_of_its_batch():
     alone = rollout(model, model.encode(["b"]), 1, sch, SHAPE, generator=gens([2]))
     assert torch.allclose(both.latents[both.tree == 1], alone.latents, atol=1e-6)
     assert torch.allclose(both.logprob[both.tree == 1], alone.logprob, atol=1e-5)
+
+
+# ---------------------------------------------------------------- engine fixes
+def test_one_nonfinite_edge_is_dropped_and_the_step_still_moves_the_weights():
+    model, lora = adapted()
+    sch = BranchSchedule(num_steps=5, split_steps=(0, 2))
+    tree, _ = tiny_tree(sch, model=model, prompts=("a cat", "a dog"))
+    adv = compute_advantages(tree, torch.randn(tree.leaves.numel(), generator=torch.Generator().manual_seed(3)),
+                             AdvantageConfig())
+    edges = select_edges(tree, adv, PruningConfig(), sch.split_steps)
+    bad = int(edges[edges.numel() // 2])
+    tree.logprob[bad] = -200.0  # exp(new - old) overflows to inf for this edge only
+    opt = torch.optim.SGD(lora.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in lora.parameters()]
+    st = policy_update(model, model.encode(["a cat", "a dog"]), tree, edges, adv, sch, OptimConfig(max_train_batch=3),
+                       opt, lora.parameters())
+    assert st["edges_skipped_nonfinite"] == 1 and st["edges_trained"] == edges.numel() - 1
+    assert st["optimizer_steps"] == 1 and st["optimizer_steps_skipped"] == 0
+    assert math.isfinite(st["grad_norm"]) and st["grad_norm"] > 0
+    after = list(lora.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_step_with_a_nonfinite_gradient_is_not_counted():
+    model, lora = adapted()
+    sch = BranchSchedule(num_steps=4, split_steps=(0,))
+    tree, _ = tiny_tree(sch, model=model, prompts=("a",))
+    adv = compute_advantages(tree, torch.tensor([0.0, 1.0]), AdvantageConfig())
+    edges = select_edges(tree, adv, PruningConfig(), sch.split_steps)
+    p0 = next(iter(lora.parameters()))
+    p0.register_hook(lambda g: g * float("nan"))  # a NaN born inside the model, not in one edge
+    opt = torch.optim.SGD(lora.parameters(), lr=1e-2)
+    before = p0.detach().clone()
+    st = policy_update(model, model.encode(["a"]), tree, edges, adv, sch, OptimConfig(), opt, lora.parameters())
+    assert st["optimizer_steps"] == 0 and st["optimizer_steps_skipped"] == 1
+    assert torch.equal(before, p0.detach())
+
+
+def test_a_split_at_the_last_step_is_rejected_with_the_reason():
+    with pytest.raises(ValueError, match=r"split_steps.*last step 4.*identical"):
+        BranchSchedule(num_steps=5, split_steps=(0, 4)).validate()
+    BranchSchedule(num_steps=5, split_steps=(0, 3)).validate()
+    BranchSchedule(num_steps=5, split_steps=(0, 4), branching=(2, 1)).validate()  # K = 1 is no fork
+    from branchgrpo.presets import PRESETS
+    for name in PRESETS:
+        PRESETS[name]().validate()
+
+
+def test_init_same_noise_gives_every_root_of_an_iteration_the_same_noise():
+    model, lora = adapted()
+    cfg = TrainerConfig(schedule=BranchSchedule(num_steps=4, split_steps=(), branching=1, group_size=3),
+                        advantage=AdvantageConfig(mode="group"), iterations=2, prompts_per_iteration=2,
+                        init_same_noise=True)
+    seen = []
+
+    class Keep:
+        def on_model_call(self, *a): pass
+        def on_rollout_end(self, it, tree, r, im): seen.append(tree.latents[tree.depth == 0].clone())
+        def on_iteration_end(self, *a): pass
+
+    tr = BranchGRPOTrainer(model, lora, ["a", "b"], [MeanBrightness()], decode_to_image, cfg, SHAPE, callbacks=[Keep()])
+    tr.train()
+    for roots in seen:
+        assert roots.shape[0] == 6 and all(torch.equal(roots[0], r) for r in roots)
+    assert not torch.equal(seen[0][0], seen[1][0])  # a new noise every iteration
+    cfg.init_same_noise = False
+    seen.clear()
+    BranchGRPOTrainer(model, lora, ["a", "b"], [MeanBrightness()], decode_to_image, cfg, SHAPE,
+                      callbacks=[Keep()]).step()
+    assert not torch.equal(seen[0][0], seen[0][1])
