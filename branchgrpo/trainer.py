@@ -22,6 +22,7 @@ import torch
 
 from .advantage import AdvantageConfig, compute_advantages
 from .loss import OptimConfig, policy_update
+from .objectives import EMAPolicy, ObjectiveConfig, forward_update, old_decay
 from .distributed import SingleProcess
 from .fileio import atomic_write
 from .models.base import VelocityModel
@@ -39,6 +40,11 @@ class TrainerConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """What the rollout trains: ``"ppo"`` on its SDE edges, or a forward-process objective on its
+    clean samples (:mod:`branchgrpo.objectives`); the sampler is ``schedule``, chosen independently."""
+    init_same_noise: bool = False
+    """One initial noise for every root of an iteration (the official ``--init_same_noise``)."""
     iterations: int = 100
     """Training iterations (one rollout + one update each)."""
     prompts_per_iteration: int = 1
@@ -56,6 +62,12 @@ class TrainerConfig:
         self.advantage.validate(f"{where}.advantage")
         self.pruning.validate(self.schedule.num_steps, f"{where}.pruning")
         self.optim.validate(f"{where}.optim")
+        self.objective.validate(f"{where}.objective")
+        if not self.objective.forward_process and not any(
+                self.schedule.for_iteration(i).sde_steps(i) for i in range(min(self.iterations, 4))):
+            raise ValueError(f"{where}.schedule: the rollout has no SDE step (sde_window size 0 and no split), "
+                             "so the 'ppo' objective has no log-probability to train; give the window a size "
+                             "or choose a forward-process objective (diffusionnft, awm, dgpo).")
         for name, lo in (("iterations", 1), ("prompts_per_iteration", 1), ("max_batch", 1),
                          ("checkpoint_every", 0)):
             val = getattr(self, name)
@@ -69,7 +81,7 @@ class TrainerConfig:
     def from_dict(cls, data: dict) -> "TrainerConfig":
         data = dict(data)
         subs = {"schedule": BranchSchedule, "advantage": AdvantageConfig, "pruning": PruningConfig,
-                "optim": OptimConfig}
+                "optim": OptimConfig, "objective": ObjectiveConfig}
         kwargs = {}
         for key, value in data.items():
             if key in subs:
@@ -158,6 +170,7 @@ class BranchGRPOTrainer:
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.learning_rate, betas=tuple(o.betas),
                                            eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.old_policy = EMAPolicy(self.params) if config.objective.needs_old() else None
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.last_tree: Tree | None = None
@@ -206,11 +219,20 @@ class BranchGRPOTrainer:
         gen = torch.Generator().manual_seed(_seed_for(cfg.seed, it))
         all_idx = self.prompts_for(it)
         prompts = [self.prompts[all_idx[s]] for s in slots]
+        sched = cfg.schedule.for_iteration(it)
+        obj = cfg.objective
+        init_noise = None
+        if cfg.init_same_noise:  # the same on every rank: seeded by the iteration only
+            g0 = torch.Generator().manual_seed(_seed_for(cfg.seed, it, salt=53))
+            one = torch.randn((1, *self.latent_shape), generator=g0)
+            init_noise = one.expand(len(prompts) * sched.group_size, *self.latent_shape).contiguous()
         t0 = time.perf_counter()
         cond = self.model.encode(prompts)
-        tree = rollout(self.model, cond, len(prompts), cfg.schedule, self.latent_shape, generator=gens,
-                       iteration=it, max_batch=cfg.max_batch, device=self.device, dtype=self.dtype,
-                       hook=self._hook)
+        sample_old = self.old_policy is not None and 0 <= obj.sample_with_old_after <= it
+        with (self.old_policy.active() if sample_old else nullcontext()):
+            tree = rollout(self.model, cond, len(prompts), sched, self.latent_shape, generator=gens,
+                           iteration=it, max_batch=cfg.max_batch, device=self.device, dtype=self.dtype,
+                           init_noise=init_noise, hook=self._hook)
         t1 = time.perf_counter()
         leaf_prompts = [prompts[t] for t in tree.leaf_tree().tolist()]
         rewards, images = self.score(tree.leaf_x0, leaf_prompts)
@@ -223,11 +245,22 @@ class BranchGRPOTrainer:
         if dist.world_size > 1:
             batch_rewards = torch.stack([dist.all_gather_cat(r) for r in rewards])
         adv = compute_advantages(tree, rewards, cfg.advantage, weights, batch_rewards)
-        edges = select_edges(tree, adv, cfg.pruning, cfg.schedule.split_steps, it, cfg.iterations, gens)
-        upd = policy_update(self.model, cond, tree, edges, adv, cfg.schedule, cfg.optim, self.optimizer,
-                            self.params, generator=gen, device=self.device, dtype=self.dtype,
-                            reference=self.reference, hook=self._hook,
-                            dist=dist if dist.world_size > 1 else None)
+        if obj.forward_process:
+            edges = tree.leaves  # the clean samples are what a forward-process objective trains on
+            upd = forward_update(self.model, cond, tree.leaf_x0, tree.tree[edges], adv[edges], tree.tree[edges],
+                                 sched, obj, cfg.optim, self.optimizer, self.params, generator=gen,
+                                 device=self.device, dtype=self.dtype, reference=self.reference,
+                                 old_policy=self.old_policy, hook=self._hook,
+                                 dist=dist if dist.world_size > 1 else None)
+        else:
+            edges = select_edges(tree, adv, cfg.pruning, sched.split_steps, it, cfg.iterations, gens)
+            upd = policy_update(self.model, cond, tree, edges, adv, sched, cfg.optim, self.optimizer,
+                                self.params, generator=gen, device=self.device, dtype=self.dtype,
+                                reference=self.reference, hook=self._hook,
+                                dist=dist if dist.world_size > 1 else None)
+        if self.old_policy is not None:
+            steps_done = sum(int(h.get("optimizer_steps", 0)) for h in self.history) + int(upd["optimizer_steps"])
+            self.old_policy.update(old_decay(steps_done, obj.old_decay_rate, obj.old_decay_max, obj.old_decay_flat))
         if dist.world_size > 1:
             combined = (torch.tensor(weights, dtype=torch.float64)[:, None] * batch_rewards).sum(0).float()
         t3 = time.perf_counter()
@@ -241,7 +274,7 @@ class BranchGRPOTrainer:
             "adv_std": float(trained_adv.std()) if trained_adv.numel() > 1 else 0.0,
             "adv_abs_mean": float(trained_adv.abs().mean()),
             "leaves": n_leaves, "edges_total": tree.num_edges, "nfe_rollout": tree.nfe,
-            "pruned_depths": len(active_depths(cfg.pruning, it, cfg.schedule.split_steps)),
+            "pruned_depths": len(active_depths(cfg.pruning, it, sched.split_steps)),
             "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2, "time_total": t3 - t0,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
@@ -276,7 +309,8 @@ class BranchGRPOTrainer:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "iteration": self.iteration,
                 "adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "history": json.dumps(self.history),
-                "config": json.dumps(self.config.to_dict()), "prompts": json.dumps(self.prompts)}
+                "config": json.dumps(self.config.to_dict()), "prompts": json.dumps(self.prompts),
+                **({"old_policy": self.old_policy.state_dict()} if self.old_policy is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -288,6 +322,11 @@ class BranchGRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
         self.history = json.loads(state["history"])
+        if self.old_policy is not None:
+            if "old_policy" not in state:
+                raise ValueError("the checkpoint has no old (EMA) policy, which this run's objective "
+                                 f"{self.config.objective.name!r} needs; resume it with the objective it was trained with")
+            self.old_policy.load_state_dict(state["old_policy"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Written by the main process only (all ranks hold the same adapter and optimizer state)."""
