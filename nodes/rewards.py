@@ -28,10 +28,13 @@ Caching
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import logging
 import os
 import weakref
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from comfy_api.latest import io
@@ -322,227 +325,193 @@ def _load(node: str, field: str, kind: str, load: Callable, dtype: str, batch_si
     return ComfyManagedReward(_view(base, batch_size, max_frames, temporal_weight))
 
 
-def _card_path(rel: str) -> str:
-    """A combo value as the engine loaders take it: relative to the reward_models folders, or hf:<repo>."""
-    return rel
-
-
-class _LoaderBase(io.ComfyNode):
-    NODE = ""
-    CARD = ""
-    FIELDS: tuple = ()
-
-    @classmethod
-    def _validate(cls, **values):
-        """Checked when the prompt is queued, before any node runs. (Subclasses name their fields in
-        ``validate_inputs`` so ComfyUI attaches the message to that input only.)"""
-        for field, card in cls.FIELDS:
-            if field in values:
-                msg = _check_choice(cls.NODE, field, values[field], card)
-                if msg:
-                    return msg
-        return True
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return _stat_key(*(kwargs.get(f) for f, _ in cls.FIELDS))
-
-
-class ImageRewardLoaderNode(_LoaderBase):
-    NODE = "ImageReward Loader"
-    CARD = "imagereward"
-    FIELDS = (("checkpoint", "imagereward"),)
-
-    @classmethod
-    def validate_inputs(cls, checkpoint):
-        return cls._validate(checkpoint=checkpoint)
-
-    @classmethod
-    def define_schema(cls):
-        options, default = choices(weight_files(), "imagereward")
-        return io.Schema(
-            node_id="BranchGRPOImageRewardLoader", display_name="ImageReward Loader (BranchGRPO)",
-            category=T.CATEGORY + "/rewards",
-            description="ImageReward v1.0 (BLIP ViT-L + BERT cross-attention + MLP, 224 px): human-preference score "
-                        "of an image for its prompt, roughly standard-normal (higher is better). Differentiable. "
-                        "Loads ImageReward.pt from models/reward_models with every key checked; the BLIP config and "
-                        "the BERT vocabulary ship with the pack. ~450 M parameters (0.9 GB fp16).",
-            inputs=[io.Combo.Input("checkpoint", options=options, default=default,
-                                   tooltip=_files_tooltip("imagereward", "The ImageReward checkpoint")
-                                   + " A med_config.json / vocab.txt beside it overrides the shipped ones.")]
-                   + _common_inputs(),
-            outputs=[_reward_output()],
-        )
-
-    @classmethod
-    def execute(cls, checkpoint, dtype, batch_size, max_frames, temporal_weight) -> io.NodeOutput:
-        from branchgrpo.rewards.imagereward import load_imagereward
-        msg = _check_choice(cls.NODE, "checkpoint", checkpoint, cls.CARD)
-        if msg:
-            raise ValueError(msg)
-        load = lambda **kw: load_imagereward(_card_path(checkpoint), **kw)  # noqa: E731
-        return io.NodeOutput(_load(cls.NODE, "checkpoint", "imagereward", load, dtype, batch_size, max_frames,
-                                   temporal_weight, _stat_key(checkpoint)))
-
-
-class HPSLoaderNode(_LoaderBase):
-    NODE = "HPS v2.1 Loader"
-    CARD = "hps_v2.1"
-    FIELDS = (("checkpoint", "hps_v2.1"),)
-
-    @classmethod
-    def validate_inputs(cls, checkpoint):
-        return cls._validate(checkpoint=checkpoint)
-
-    @classmethod
-    def define_schema(cls):
-        options, default = choices(weight_files(), "hps_v2.1")
-        return io.Schema(
-            node_id="BranchGRPOHPSLoader", display_name="HPS v2.1 Loader (BranchGRPO)",
-            category=T.CATEGORY + "/rewards",
-            description="HPS v2.1 (Human Preference Score): cosine of open_clip ViT-H-14 image and text embeddings "
-                        "fine-tuned on human preferences; typically 0.2-0.35, higher is better. Differentiable. "
-                        "Builds the ViT-H-14 architecture with open-clip-torch (no download) and loads "
-                        "HPS_v2.1_compressed.pt with every key checked. ~990 M parameters (2 GB fp16).",
-            inputs=[io.Combo.Input("checkpoint", options=options, default=default,
-                                   tooltip=_files_tooltip("hps_v2.1", "The HPS v2.1 checkpoint"))]
-                   + _common_inputs(),
-            outputs=[_reward_output()],
-        )
-
-    @classmethod
-    def execute(cls, checkpoint, dtype, batch_size, max_frames, temporal_weight) -> io.NodeOutput:
-        from branchgrpo.rewards.hps import load_hps
-        msg = _check_choice(cls.NODE, "checkpoint", checkpoint, cls.CARD)
-        if msg:
-            raise ValueError(msg)
-        load = lambda **kw: load_hps(_card_path(checkpoint), **kw)  # noqa: E731
-        return io.NodeOutput(_load(cls.NODE, "checkpoint", "hps_v2.1", load, dtype, batch_size, max_frames,
-                                   temporal_weight, _stat_key(checkpoint)))
-
+# One table of reward specifications, one loader class built from it. Each spec becomes a V3 node class
+# (``loader_node(spec)``); node ids, names, inputs and tooltips are the shipped ones, so saved workflows load.
 
 AUTO_PROCESSOR = "auto"
 
 
-class PickScoreLoaderNode(_LoaderBase):
-    NODE = "PickScore Loader"
-    CARD = "pickscore"
-    FIELDS = (("model", "pickscore"),)
+@dataclass(frozen=True)
+class WeightsInput:
+    """A combo input that selects weights: a file (``listing="files"``) or a model folder (``"folders"``) of
+    the reward_models folders, described by ``MODEL_CARDS[card]``. Validated at queue time."""
+    name: str
+    card: str
+    listing: str
+    what: str  # the tooltip's first words (the expected files and the publisher follow)
+    note: str = ""  # appended to the tooltip
 
-    @classmethod
-    def validate_inputs(cls, model):
-        return cls._validate(model=model)
+    def options(self) -> tuple:
+        items = weight_files() if self.listing == "files" else model_folders([MODEL_CARDS[self.card].hf_repo])
+        return choices(items, self.card)
+
+    def input(self):
+        options, default = self.options()
+        return io.Combo.Input(self.name, options=options, default=default,
+                              tooltip=_files_tooltip(self.card, self.what) + self.note)
+
+
+@dataclass(frozen=True)
+class OptionInput:
+    """A combo input with an ``auto`` choice, passed to the engine loader as ``None`` when ``auto``; its
+    options are the local model folders of ``hf_repos`` (not validated: ``auto`` always works)."""
+    name: str
+    hf_repos: tuple
+    tooltip: str
+
+    def input(self):
+        return io.Combo.Input(self.name, options=[AUTO_PROCESSOR] + model_folders(list(self.hf_repos)),
+                              default=AUTO_PROCESSOR, tooltip=self.tooltip)
+
+    @staticmethod
+    def value(v: Optional[str]) -> Optional[str]:
+        return None if v in (AUTO_PROCESSOR, "", None) else v
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward loader node. ``load`` is ``"module:function"`` in ``branchgrpo.rewards``, called as
+    ``function(*weights, *options, device=, dtype=, search_dirs=, where=)`` (imported on first use)."""
+    node_id: str
+    display_name: str
+    node: str  # the name in error messages
+    class_name: str
+    kind: str  # the scorer's cache key
+    load: str
+    description: str
+    weights: tuple  # WeightsInput, in input order
+    options: tuple = ()  # OptionInput, after the weights
+
+
+REWARD_SPECS: tuple = (
+    RewardSpec(
+        node_id="BranchGRPOImageRewardLoader", display_name="ImageReward Loader (BranchGRPO)",
+        node="ImageReward Loader", class_name="ImageRewardLoaderNode", kind="imagereward",
+        load="imagereward:load_imagereward",
+        description="ImageReward v1.0 (BLIP ViT-L + BERT cross-attention + MLP, 224 px): human-preference score "
+                    "of an image for its prompt, roughly standard-normal (higher is better). Differentiable. "
+                    "Loads ImageReward.pt from models/reward_models with every key checked; the BLIP config and "
+                    "the BERT vocabulary ship with the pack. ~450 M parameters (0.9 GB fp16).",
+        weights=(WeightsInput("checkpoint", "imagereward", "files", "The ImageReward checkpoint",
+                              note=" A med_config.json / vocab.txt beside it overrides the shipped ones."),),
+    ),
+    RewardSpec(
+        node_id="BranchGRPOHPSLoader", display_name="HPS v2.1 Loader (BranchGRPO)",
+        node="HPS v2.1 Loader", class_name="HPSLoaderNode", kind="hps_v2.1", load="hps:load_hps",
+        description="HPS v2.1 (Human Preference Score): cosine of open_clip ViT-H-14 image and text embeddings "
+                    "fine-tuned on human preferences; typically 0.2-0.35, higher is better. Differentiable. "
+                    "Builds the ViT-H-14 architecture with open-clip-torch (no download) and loads "
+                    "HPS_v2.1_compressed.pt with every key checked. ~990 M parameters (2 GB fp16).",
+        weights=(WeightsInput("checkpoint", "hps_v2.1", "files", "The HPS v2.1 checkpoint"),),
+    ),
+    RewardSpec(
+        node_id="BranchGRPOPickScoreLoader", display_name="PickScore Loader (BranchGRPO)",
+        node="PickScore Loader", class_name="PickScoreLoaderNode", kind="pickscore",
+        load="clip_models:load_pickscore",
+        description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic preferences; score = logit scale x "
+                    "cosine (typically 18-23, higher is better). Differentiable. Loads a local PickScore_v1 "
+                    "folder (transformers CLIPModel, every key checked). ~990 M parameters (2 GB fp16).",
+        weights=(WeightsInput("model", "pickscore", "folders", "The PickScore model folder (config.json + "
+                              "model.safetensors or pytorch_model.bin)"),),
+        options=(OptionInput("processor", ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K",),
+                             "Tokenizer and preprocessing (laion/CLIP-ViT-H-14-laion2B-s32B-b79K). auto: the model "
+                             "folder's own files, else the hub cache, else the CLIP BPE vocabulary shipped in "
+                             "open-clip-torch (the same token ids) with 224 px OpenAI-normalised preprocessing (the "
+                             "processor's values)."),),
+    ),
+    RewardSpec(
+        node_id="BranchGRPOCLIPScoreLoader", display_name="CLIP Score Loader (BranchGRPO)",
+        node="CLIP Score Loader", class_name="CLIPScoreLoaderNode", kind="clip_score",
+        load="clip_models:load_clip_score",
+        description="CLIP score: cosine of CLIP image and prompt embeddings, in [-1, 1] (typically 0.15-0.35 "
+                    "for a matching pair; x100 for torchmetrics' scale). Differentiable. Loads a local "
+                    "transformers CLIP folder (default openai/clip-vit-large-patch14, ~430 M parameters, "
+                    "0.9 GB fp16), every key checked.",
+        weights=(WeightsInput("model", "clip", "folders", "The CLIP model folder (config.json + weights "
+                              "+ tokenizer files)"),),
+    ),
+    RewardSpec(
+        node_id="BranchGRPOAestheticLoader", display_name="Aesthetic Loader (BranchGRPO)",
+        node="Aesthetic Loader", class_name="AestheticLoaderNode", kind="aesthetic",
+        load="aesthetic:load_aesthetic",
+        description="LAION aesthetic predictor v2: an MLP on L2-normalised CLIP ViT-L/14 image embeddings, "
+                    "rating on the AVA scale ~1-10 (typically 4-7); the prompt is ignored. Differentiable. "
+                    "Needs the MLP file (3.7 MB) and the CLIP ViT-L/14 folder (shared with CLIP Score when "
+                    "both use the same folder; ~0.9 GB fp16).",
+        weights=(WeightsInput("checkpoint", "aesthetic", "files", "The aesthetic MLP"),
+                 WeightsInput("clip", "clip", "folders", "The CLIP ViT-L/14 folder for the image embeddings")),
+    ),
+)
+
+
+def _with_signature(fn, names: Sequence[str]):
+    """``fn(cls, **values)`` that ComfyUI sees as ``fn(cls, <names>)``: it reads the argument names of
+    ``validate_inputs`` to pass exactly those inputs, attach a failure to them only, and skip its own
+    combo-list check for them."""
+    params = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    fn.__signature__ = inspect.Signature(params)
+    return fn
+
+
+class RewardLoaderNode(io.ComfyNode):
+    """The loader of one :class:`RewardSpec` (``SPEC``); :func:`loader_node` makes one subclass per spec."""
+    SPEC: RewardSpec
 
     @classmethod
     def define_schema(cls):
-        options, default = choices(model_folders([MODEL_CARDS["pickscore"].hf_repo]), "pickscore")
-        procs = model_folders(["laion/CLIP-ViT-H-14-laion2B-s32B-b79K"])
+        spec = cls.SPEC
         return io.Schema(
-            node_id="BranchGRPOPickScoreLoader", display_name="PickScore Loader (BranchGRPO)",
-            category=T.CATEGORY + "/rewards",
-            description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic preferences; score = logit scale x "
-                        "cosine (typically 18-23, higher is better). Differentiable. Loads a local PickScore_v1 "
-                        "folder (transformers CLIPModel, every key checked). ~990 M parameters (2 GB fp16).",
-            inputs=[
-                io.Combo.Input("model", options=options, default=default,
-                               tooltip=_files_tooltip("pickscore", "The PickScore model folder (config.json + "
-                                                      "model.safetensors or pytorch_model.bin)")),
-                io.Combo.Input("processor", options=[AUTO_PROCESSOR] + procs, default=AUTO_PROCESSOR,
-                               tooltip="Tokenizer and preprocessing (laion/CLIP-ViT-H-14-laion2B-s32B-b79K). auto: "
-                                       "the model folder's own files, else the hub cache, else the CLIP BPE "
-                                       "vocabulary shipped in open-clip-torch (the same token ids) with 224 px "
-                                       "OpenAI-normalised preprocessing (the processor's values)."),
-            ] + _common_inputs(),
+            node_id=spec.node_id, display_name=spec.display_name, category=T.CATEGORY + "/rewards",
+            description=spec.description,
+            inputs=[w.input() for w in spec.weights] + [o.input() for o in spec.options] + _common_inputs(),
             outputs=[_reward_output()],
         )
 
     @classmethod
-    def execute(cls, model, processor, dtype, batch_size, max_frames, temporal_weight) -> io.NodeOutput:
-        from branchgrpo.rewards.clip_models import load_pickscore
-        msg = _check_choice(cls.NODE, "model", model, cls.CARD)
+    def _check(cls, values: dict) -> Optional[str]:
+        """The first weights input that names no existing weights, as a message; None when all exist.
+        Runs at queue time: ComfyUI skips its own combo-list check for inputs a node validates itself."""
+        for w in cls.SPEC.weights:
+            if w.name in values:
+                msg = _check_choice(cls.SPEC.node, w.name, values[w.name], w.card)
+                if msg:
+                    return msg
+        return None
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return _stat_key(*(kwargs.get(w.name) for w in cls.SPEC.weights))
+
+    @classmethod
+    def execute(cls, dtype, batch_size, max_frames, temporal_weight, **values) -> io.NodeOutput:
+        spec = cls.SPEC
+        msg = cls._check(values)
         if msg:
             raise ValueError(msg)
-        proc = None if processor in (AUTO_PROCESSOR, "") else processor
-        load = lambda **kw: load_pickscore(model, proc, **kw)  # noqa: E731
-        return io.NodeOutput(_load(cls.NODE, "model", "pickscore", load, dtype, batch_size, max_frames,
-                                   temporal_weight, _stat_key(model, proc or "")))
+        module, function = spec.load.split(":")
+        load_fn = getattr(importlib.import_module(f"branchgrpo.rewards.{module}"), function)
+        args = [values[w.name] for w in spec.weights] + [o.value(values.get(o.name)) for o in spec.options]
+        load = lambda **kw: load_fn(*args, **kw)  # noqa: E731
+        key = _stat_key(*(a or "" for a in args))
+        field = "/".join(w.name for w in spec.weights)  # named by load errors
+        return io.NodeOutput(_load(spec.node, field, spec.kind, load, dtype, batch_size, max_frames,
+                                   temporal_weight, key))
 
 
-class CLIPScoreLoaderNode(_LoaderBase):
-    NODE = "CLIP Score Loader"
-    CARD = "clip"
-    FIELDS = (("model", "clip"),)
+def loader_node(spec: RewardSpec) -> type:
+    """The V3 node class of ``spec``: ``SPEC`` set, and a ``validate_inputs`` that names its weights inputs."""
+    def validate_inputs(cls, **values):
+        return cls._check(values) or True
 
-    @classmethod
-    def validate_inputs(cls, model):
-        return cls._validate(model=model)
-
-    @classmethod
-    def define_schema(cls):
-        options, default = choices(model_folders([MODEL_CARDS["clip"].hf_repo]), "clip")
-        return io.Schema(
-            node_id="BranchGRPOCLIPScoreLoader", display_name="CLIP Score Loader (BranchGRPO)",
-            category=T.CATEGORY + "/rewards",
-            description="CLIP score: cosine of CLIP image and prompt embeddings, in [-1, 1] (typically 0.15-0.35 "
-                        "for a matching pair; x100 for torchmetrics' scale). Differentiable. Loads a local "
-                        "transformers CLIP folder (default openai/clip-vit-large-patch14, ~430 M parameters, "
-                        "0.9 GB fp16), every key checked.",
-            inputs=[io.Combo.Input("model", options=options, default=default,
-                                   tooltip=_files_tooltip("clip", "The CLIP model folder (config.json + weights "
-                                                          "+ tokenizer files)"))] + _common_inputs(),
-            outputs=[_reward_output()],
-        )
-
-    @classmethod
-    def execute(cls, model, dtype, batch_size, max_frames, temporal_weight) -> io.NodeOutput:
-        from branchgrpo.rewards.clip_models import load_clip_score
-        msg = _check_choice(cls.NODE, "model", model, cls.CARD)
-        if msg:
-            raise ValueError(msg)
-        load = lambda **kw: load_clip_score(model, **kw)  # noqa: E731
-        return io.NodeOutput(_load(cls.NODE, "model", "clip_score", load, dtype, batch_size, max_frames,
-                                   temporal_weight, _stat_key(model)))
+    names = [w.name for w in spec.weights]
+    validate = classmethod(_with_signature(validate_inputs, names))
+    return type(spec.class_name, (RewardLoaderNode,), {"SPEC": spec, "validate_inputs": validate,
+                                                       "__module__": __name__, "__qualname__": spec.class_name})
 
 
-class AestheticLoaderNode(_LoaderBase):
-    NODE = "Aesthetic Loader"
-    CARD = "aesthetic"
-    FIELDS = (("checkpoint", "aesthetic"), ("clip", "clip"))
-
-    @classmethod
-    def validate_inputs(cls, checkpoint, clip):
-        return cls._validate(checkpoint=checkpoint, clip=clip)
-
-    @classmethod
-    def define_schema(cls):
-        options, default = choices(weight_files(), "aesthetic")
-        clip_options, clip_default = choices(model_folders([MODEL_CARDS["clip"].hf_repo]), "clip")
-        return io.Schema(
-            node_id="BranchGRPOAestheticLoader", display_name="Aesthetic Loader (BranchGRPO)",
-            category=T.CATEGORY + "/rewards",
-            description="LAION aesthetic predictor v2: an MLP on L2-normalised CLIP ViT-L/14 image embeddings, "
-                        "rating on the AVA scale ~1-10 (typically 4-7); the prompt is ignored. Differentiable. "
-                        "Needs the MLP file (3.7 MB) and the CLIP ViT-L/14 folder (shared with CLIP Score when "
-                        "both use the same folder; ~0.9 GB fp16).",
-            inputs=[
-                io.Combo.Input("checkpoint", options=options, default=default,
-                               tooltip=_files_tooltip("aesthetic", "The aesthetic MLP")),
-                io.Combo.Input("clip", options=clip_options, default=clip_default,
-                               tooltip=_files_tooltip("clip", "The CLIP ViT-L/14 folder for the image embeddings")),
-            ] + _common_inputs(),
-            outputs=[_reward_output()],
-        )
-
-    @classmethod
-    def execute(cls, checkpoint, clip, dtype, batch_size, max_frames, temporal_weight) -> io.NodeOutput:
-        from branchgrpo.rewards.aesthetic import load_aesthetic
-        for field, card in cls.FIELDS:
-            msg = _check_choice(cls.NODE, field, {"checkpoint": checkpoint, "clip": clip}[field], card)
-            if msg:
-                raise ValueError(msg)
-        load = lambda **kw: load_aesthetic(checkpoint, clip, **kw)  # noqa: E731
-        return io.NodeOutput(_load(cls.NODE, "checkpoint/clip", "aesthetic", load, dtype, batch_size, max_frames,
-                                   temporal_weight, _stat_key(checkpoint, clip)))
+LOADER_NODES = [loader_node(spec) for spec in REWARD_SPECS]
+ImageRewardLoaderNode, HPSLoaderNode, PickScoreLoaderNode, CLIPScoreLoaderNode, AestheticLoaderNode = LOADER_NODES
 
 
 class WeightFreeRewardNode(io.ComfyNode):
@@ -695,6 +664,7 @@ class ScoreImagesNode(io.ComfyNode):
 REWARD_NODES = [WeightFreeRewardNode, ImageRewardLoaderNode, HPSLoaderNode, PickScoreLoaderNode, CLIPScoreLoaderNode,
                 AestheticLoaderNode, RewardMixNode, ScoreImagesNode]
 
-__all__ = ["REWARD_NODES", "WeightFreeRewardNode", "ImageRewardLoaderNode", "HPSLoaderNode", "PickScoreLoaderNode",
-           "CLIPScoreLoaderNode", "AestheticLoaderNode", "RewardMixNode", "ScoreImagesNode", "ComfyManagedReward",
+__all__ = ["REWARD_NODES", "REWARD_SPECS", "RewardSpec", "RewardLoaderNode", "loader_node", "WeightFreeRewardNode",
+           "ImageRewardLoaderNode", "HPSLoaderNode", "PickScoreLoaderNode", "CLIPScoreLoaderNode",
+           "AestheticLoaderNode", "RewardMixNode", "ScoreImagesNode", "ComfyManagedReward",
            "register_reward_models_folder", "split_prompts", "resolve_dtype"]
