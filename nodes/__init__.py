@@ -6,6 +6,7 @@ import os
 from comfy_api.latest import ComfyExtension, io
 
 from .demo_model import DemoModelLoaderNode
+from .dev_nodes import DEV_NODES as FAMILY_DEV_NODES
 from .export_config import ExportRunConfigNode
 from .lora_io import SaveLoRANode
 from .plot import MetricsPlotNode
@@ -23,7 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
 ]
 #: Test fixtures, not for users' menus: registered only when the server runs with BRANCHGRPO_DEV_NODES=1
 #: (the test suite's ComfyUI server sets it).
-DEV_NODES: list[type[io.ComfyNode]] = [TinyFlowModelLoaderNode]
+DEV_NODES: list[type[io.ComfyNode]] = [TinyFlowModelLoaderNode, *FAMILY_DEV_NODES]
 DEV_NODES_ENV = "BRANCHGRPO_DEV_NODES"
 
 

@@ -136,6 +136,16 @@ class _OutOfPlaceOnBlockInputs(TorchFunctionMode):
             return out
         return func(*args, **kwargs)
 
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Saved-tensor hook: a tracked tensor is saved as a copy. Other in-place updates of the block's inputs
+        that cannot be made out of place (LTX-Video: ``x.addcmul_(attn, gate)`` after ``rms_norm(x)`` saved
+        ``x``; the statement does not rebind ``x``) then leave the saved value intact."""
+        return t.clone() if id(t) in self.ids else t
+
+
+def _unpack_saved(t: torch.Tensor) -> torch.Tensor:
+    return t
+
 
 @contextlib.contextmanager
 def gradient_checkpointing(model_patcher, enabled: bool):
@@ -150,13 +160,18 @@ def gradient_checkpointing(model_patcher, enabled: bool):
                 original = block.forward
 
                 def run(*args, __orig=original, **kwargs):
-                    with _OutOfPlaceOnBlockInputs(list(args) + list(kwargs.values())):
-                        return __orig(*args, **kwargs)
+                    mode = _OutOfPlaceOnBlockInputs(list(args) + list(kwargs.values()))
+                    with mode:
+                        if enabled:  # checkpointing saves no activations (its inputs are copies, below)
+                            return __orig(*args, **kwargs)
+                        with torch.autograd.graph.saved_tensors_hooks(mode.pack, _unpack_saved):
+                            return __orig(*args, **kwargs)
 
                 def forward(*args, __orig=original, __run=run, **kwargs):
                     if not torch.is_grad_enabled():
                         return __orig(*args, **kwargs)
-                    if enabled:
+                    if enabled:  # an in-place update of an input must not change what recomputation reads
+                        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
                         return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)
                     return __run(*args, **kwargs)
 

@@ -1,0 +1,212 @@
+"""Every flow (CONST-sampling) family of ComfyUI 0.3.75 trains in the real ComfyUI.
+
+For each family a tiny random-weight model (one block per block list) runs two Trainer iterations (2 steps,
+one split into 2 leaves). The stock ``LoraLoaderModelOnly`` with the saved file then reproduces the trained
+MODEL's KSampler prediction, every key of the file is consumed ("lora key not loaded" never logged), and the
+file's ``branchgrpo.base_model`` names the ComfyUI model class the family loads as.
+
+How each tiny model is made:
+
+* ``file`` families load through the stock ``UNETLoader``, i.e. ComfyUI's own model detection: SD3 and Wan 2.1
+  from ``tests/tiny_models.py``; Wan 2.2, HunyuanVideo, HunyuanVideo 1.5 and HunyuanImage 2.1 from a tiny model
+  of the dev node *Tiny Random Model of a Family* saved with the stock ``ModelSave`` (their detection reads every
+  size from the weights).
+* ``dev`` families are built by that node from ComfyUI's own config class and a tiny ``unet_config``: their
+  detection hard-codes full-size widths or head counts (FLUX.1/2, Chroma, Qwen-Image, Mochi, LTX-Video,
+  Lumina 2, Z-Image, AuraFlow).
+
+Text conditioning comes from the dev *Tiny Random Text Encoder* at the width the tiny model reads (real
+encoders are fixed-size), the VAE from the stock loader where a tiny one exists, else the dev *Tiny Random VAE*.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import tiny_models as tm
+
+pytestmark = pytest.mark.comfy
+
+LORA_KEY = re.compile(r"^diffusion_model\..+\.(lora_up\.weight|lora_down\.weight|alpha)$")
+SAVED = ("wan22", "hunyuan_video", "hunyuan_video15", "hunyuan_image21")  # dev model -> ModelSave -> UNETLoader
+
+
+@dataclass
+class Family:
+    name: str
+    model_class: str  # comfy.model_base class the family loads as
+    source: str  # "file:<diffusion_models file>" (stock UNETLoader) or "dev:<family>" (dev node)
+    text: tuple  # (width, tokens, pooled_width, attention_mask) of the tiny text encoder
+    vae: tuple  # ("tiny", channels) or ("stock", <vae file key>)
+    latent: dict = field(default_factory=dict)
+
+
+def _empty(node, **inputs):
+    return {"class_type": node, "inputs": {"batch_size": 1, **inputs}}
+
+
+SD3_LATENT = _empty("EmptySD3LatentImage", width=64, height=64)
+VIDEO16 = _empty("EmptyHunyuanLatentVideo", width=64, height=64, length=5)
+
+FAMILIES = [
+    Family("sd3", "SD3", "file:tiny_sd3.safetensors", (4096, 8, 2048, False), ("stock", "taesd_vae"), SD3_LATENT),
+    Family("wan21", "WAN21", "file:tiny_wan21.safetensors", (4096, 8, 0, False), ("stock", "wan21_vae"), VIDEO16),
+    Family("wan22", "WAN22", "file:tiny_wan22.safetensors", (4096, 8, 0, False), ("tiny", 48),
+           {"class_type": "Wan22ImageToVideoLatent",
+            "inputs": {"vae": ["vae", 0], "width": 64, "height": 64, "length": 5, "batch_size": 1}}),
+    Family("hunyuan_video", "HunyuanVideo", "file:tiny_hunyuan_video.safetensors", (32, 8, 768, False),
+           ("tiny", 16), VIDEO16),
+    Family("hunyuan_video15", "HunyuanVideo15", "file:tiny_hunyuan_video15.safetensors", (32, 8, 0, False),
+           ("tiny", 32), _empty("EmptyHunyuanVideo15Latent", width=64, height=64, length=5)),
+    Family("hunyuan_image21", "HunyuanImage21", "file:tiny_hunyuan_image21.safetensors", (32, 8, 0, False),
+           ("tiny", 64), _empty("EmptyHunyuanImageLatent", width=128, height=128)),
+    Family("flux", "Flux", "dev:flux", (32, 8, 32, False), ("stock", "taesd_vae"), SD3_LATENT),
+    Family("flux_schnell", "Flux", "dev:flux_schnell", (32, 8, 32, False), ("stock", "taesd_vae"), SD3_LATENT),
+    Family("flux2", "Flux2", "dev:flux2", (32, 8, 0, False), ("tiny", 128),
+           _empty("EmptyFlux2LatentImage", width=64, height=64)),
+    Family("chroma", "Chroma", "dev:chroma", (32, 8, 0, False), ("stock", "taesd_vae"), SD3_LATENT),
+    # Qwen-Image's latent is a one-frame video [B, 16, 1, H, W] (the KSampler adds the frame axis to an
+    # Empty SD3 Latent; the Trainer takes the latent as given).
+    Family("qwen_image", "QwenImage", "dev:qwen_image", (32, 8, 0, False), ("tiny", 16),
+           _empty("EmptyHunyuanLatentVideo", width=64, height=64, length=1)),
+    Family("mochi", "GenmoMochi", "dev:mochi", (32, 8, 0, True), ("tiny", 12),
+           _empty("EmptyMochiLatentVideo", width=64, height=64, length=7)),
+    Family("ltxv", "LTXV", "dev:ltxv", (32, 8, 0, True), ("tiny", 128),
+           _empty("EmptyLTXVLatentVideo", width=64, height=64, length=9)),
+    Family("lumina2", "Lumina2", "dev:lumina2", (32, 8, 0, True), ("stock", "taesd_vae"), SD3_LATENT),
+    Family("z_image", "Lumina2", "dev:z_image", (32, 8, 0, True), ("stock", "taesd_vae"), SD3_LATENT),
+    Family("auraflow", "AuraFlow", "dev:auraflow", (2048, 8, 0, False), ("tiny", 4),
+           _empty("EmptyLatentImage", width=64, height=64)),
+]
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def _log_size(comfy) -> int:
+    return len(comfy.server.log_path.read_text(errors="replace"))
+
+
+def _log_since(comfy, offset: int) -> str:
+    return comfy.server.log_path.read_text(errors="replace")[offset:]
+
+
+@pytest.fixture(scope="module")
+def family_models(comfy, comfy_base):
+    """The tiny model files: SD3 / Wan 2.1 / VAEs from tiny_models, and the detectable dev families saved
+    by the stock ModelSave into models/diffusion_models."""
+    paths = tm.write_all_tiny(comfy_base / "models")
+    graph = {}
+    for name in SAVED:
+        graph[f"m_{name}"] = {"class_type": "BranchGRPOTinyFamilyModel", "inputs": {"family": name, "seed": 0}}
+        graph[f"s_{name}"] = {"class_type": "ModelSave", "inputs": {"model": [f"m_{name}", 0],
+                                                                    "filename_prefix": f"tiny_family/{name}"}}
+    comfy.run(graph, timeout=300)
+    for name in SAVED:
+        saved = sorted((comfy_base / "output" / "tiny_family").glob(f"{name}_0*.safetensors"))
+        assert saved, f"ModelSave wrote no file for {name}"
+        dst = comfy_base / "models" / "diffusion_models" / f"tiny_{name}.safetensors"
+        shutil.copyfile(saved[-1], dst)
+        paths[name] = dst
+    return paths
+
+
+def family_nodes(models, fam: Family) -> dict:
+    """Model, text encoder, VAE and empty latent of one family (node ids unet, clip, vae, latent)."""
+    kind, what = fam.source.split(":", 1)
+    if kind == "file":
+        unet = {"class_type": "UNETLoader", "inputs": {"unet_name": what, "weight_dtype": "default"}}
+    else:
+        unet = {"class_type": "BranchGRPOTinyFamilyModel", "inputs": {"family": what, "seed": 0}}
+    width, tokens, pooled, mask = fam.text
+    clip = {"class_type": "BranchGRPOTinyTextEncoder", "inputs": {
+        "width": width, "tokens": tokens, "pooled_width": pooled, "attention_mask": mask, "seed": 0}}
+    if fam.vae[0] == "stock":
+        vae = {"class_type": "VAELoader", "inputs": {"vae_name": models[fam.vae[1]].name}}
+    else:
+        vae = {"class_type": "BranchGRPOTinyVAE", "inputs": {"channels": fam.vae[1], "downscale": 8, "seed": 0}}
+    return {"unet": unet, "clip": clip, "vae": vae, "latent": fam.latent}
+
+
+def predict_nodes(tag, model_ref):
+    """KSampler (2 Euler steps, fixed seed, cfg 1) on ``model_ref`` -> SaveLatent ``cmp_matrix/<tag>``."""
+    return {
+        f"pos_{tag}": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube", "clip": ["clip", 0]}},
+        f"ks_{tag}": {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "seed": 5, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": [f"pos_{tag}", 0], "negative": [f"pos_{tag}", 0], "latent_image": ["latent", 0],
+            "denoise": 1.0}},
+        f"sl_{tag}": {"class_type": "SaveLatent", "inputs": {"samples": [f"ks_{tag}", 0],
+                                                             "filename_prefix": f"cmp_matrix/{tag}"}},
+    }
+
+
+def read_latent(comfy_base, tag):
+    files = sorted((comfy_base / "output" / "cmp_matrix").glob(f"{tag}_*.latent"))
+    assert files, f"no latent saved for {tag}"
+    return load_file(str(files[-1]))["latent_tensor"]
+
+
+def training_graph(models, fam: Family, run_name: str, lora_file: str, extra=None) -> dict:
+    g = family_nodes(models, fam)
+    g.update({
+        "prompts": {"class_type": "BranchGRPOPrompts", "inputs": {
+            "prompts": "a red cube\na blue ball", "file": "", "eval_count": 0}},
+        "reward": {"class_type": "BranchGRPOWeightFreeReward", "inputs": {"reward": "brightness"}},
+        "schedule": {"class_type": "BranchGRPOBranchSchedule", "inputs": {
+            "steps": 2, "split_steps": "0", "branching": "2", "split_noise_scale": 4.0,
+            "sde": "dancegrpo", "eta": 0.3, "shift": 3.0, "group_size": 1, "sde_window_size": 0,
+            "sde_window_start": 0}},
+        "trainer": {"class_type": "BranchGRPOTrainer", "inputs": {
+            "model": ["unet", 0], "clip": ["clip", 0], "vae": ["vae", 0], "prompts": ["prompts", 0],
+            "reward": ["reward", 0], "latent": ["latent", 0], "iterations": 2, "prompts_per_iteration": 1,
+            "learning_rate": 5e-2, "lora_rank": 2, "lora_alpha": 2.0, "lora_targets": "*", "seed": 3,
+            "schedule": ["schedule", 0], "run_name": run_name, "resume": False, "max_train_batch": 8,
+            "gradient_checkpointing": "off"}},
+        "save": {"class_type": "BranchGRPOSaveLoRA", "inputs": {"lora": ["trainer", 1], "filename": lora_file,
+                                                               "overwrite": True}},
+    })
+    g.update(extra or {})
+    return g
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_family_trains_and_stock_lora_loader_reproduces_it(comfy, comfy_base, family_models, name):
+    fam = BY_NAME[name]
+    run, lora_name = f"matrix_{name}", f"branchgrpo/matrix_{name}"
+    log0 = _log_size(comfy)
+    graph = training_graph(family_models, fam, run, lora_name,
+                           extra={**predict_nodes(f"{name}_trained", ["trainer", 0]),
+                                  **predict_nodes(f"{name}_base", ["unet", 0])})
+    entry = comfy.run(graph, timeout=600)
+    assert entry["status"]["status_str"] == "success"
+    metrics = [m["data"] for m in comfy.messages if m.get("type") == "branchgrpo.metrics"
+               and m["data"].get("run") == run]
+    assert [m["iteration"] for m in metrics][-2:] == [1, 2]
+    assert all(m["metrics"]["reward_mean"] is not None for m in metrics)
+    assert metrics[-1]["tree"]["widths"] == [1, 2, 2]
+    assert "Traceback" not in _log_since(comfy, log0)
+
+    path = comfy_base / "models" / "loras" / f"{lora_name}.safetensors"
+    sd = load_file(str(path))
+    assert sd and all(LORA_KEY.match(k) for k in sd), sorted(sd)[:5]
+    assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    assert meta.get("branchgrpo.base_model") == fam.model_class  # what ComfyUI loaded the tiny model as
+
+    # the same base model + the stock LoRA loader with the saved file
+    log1 = _log_size(comfy)
+    g2 = family_nodes(family_models, fam)
+    g2["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": f"{lora_name}.safetensors", "strength_model": 1.0}}
+    g2.update(predict_nodes(f"{name}_stock", ["lora", 0]))
+    assert comfy.run(g2, timeout=300)["status"]["status_str"] == "success"
+    assert "lora key not loaded" not in _log_since(comfy, log1), "a saved key was not consumed by ComfyUI"
+    trained, stock, base = (read_latent(comfy_base, f"{name}_{t}") for t in ("trained", "stock", "base"))
+    assert trained.shape == base.shape
+    assert float((trained - stock).abs().max()) < 1e-5
+    assert float((trained - base).abs().max()) > 1e-4
