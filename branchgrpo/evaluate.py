@@ -5,6 +5,8 @@
   compared sample by sample.
 * :func:`evaluate` — decodes and scores ODE samples of held-out prompts; works from a
   :class:`~branchgrpo.trainer.BranchGRPOTrainer` or from an :class:`EvalParts`.
+* :func:`reward_spread` — the mean over trees of the std of a tree's leaf rewards, before any
+  normalisation (how much the samples of one prompt differ: the signal GRPO learns from).
 * :func:`reference_kl` — the KL between the policy's and the reference's (adapter off) step
   distributions on a few tree nodes, measured without gradients.
 
@@ -148,6 +150,18 @@ def evaluate(source: Any, prompts: Sequence[str], seeds: Sequence[int], *, refer
     if keep_images:
         out["images"] = torch.cat(images)
     return out
+
+
+def reward_spread(rewards: torch.Tensor, groups: torch.Tensor) -> float:
+    """Mean over groups (trees) of the unbiased std of ``rewards`` within the group; groups of one count 0."""
+    rewards, groups = rewards.detach().float().flatten().cpu(), torch.as_tensor(groups).flatten().cpu()
+    if rewards.numel() != groups.numel():
+        raise ValueError(f"reward_spread: {rewards.numel()} rewards for {groups.numel()} group ids")
+    stds = []
+    for g in torch.unique(groups).tolist():
+        r = rewards[groups == g]
+        stds.append(float(r.std()) if r.numel() > 1 else 0.0)
+    return sum(stds) / len(stds) if stds else 0.0
 
 
 @torch.no_grad()

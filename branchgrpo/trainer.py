@@ -24,6 +24,7 @@ from .advantage import AdvantageConfig, compute_advantages
 from .loss import OptimConfig, policy_update
 from .objectives import EMAPolicy, ObjectiveConfig, forward_update, old_decay
 from .distributed import SingleProcess
+from .evaluate import evaluate, reference_kl, reward_spread
 from .fileio import atomic_write
 from .models.base import VelocityModel
 from .pruning import PruningConfig, active_depths, select_edges
@@ -56,6 +57,17 @@ class TrainerConfig:
     """One weight per reward (default 1 each)."""
     checkpoint_every: int = 0
     """Write a checkpoint every N iterations (0: only at the end) when a checkpoint path is given."""
+    kl_metric_parents: int = 4
+    """Trained parents per iteration on which the KL to the reference (adapter off) is measured after the
+    update, without gradients: two model evaluations each, counted in ``nfe_metrics``. 0 turns it off."""
+    eval_every: int = 0
+    """Reward of Euler-ODE samples of the held-out evaluation prompts every N iterations (and at the first
+    and last iteration); 0 turns it off. Needs evaluation prompts (``eval_prompts`` of the trainer)."""
+    eval_seeds: int = 2
+    """Samples per evaluation prompt, from the fixed seeds ``0 .. eval_seeds - 1``."""
+
+    MONITORING_FIELDS = ("kl_metric_parents", "eval_every", "eval_seeds")
+    """Fields that only measure the run: they change no parameter update, so a resume may differ in them."""
 
     def validate(self, where: str = "TrainerConfig") -> None:
         self.schedule.validate(f"{where}.schedule")
@@ -69,7 +81,8 @@ class TrainerConfig:
                              "so the 'ppo' objective has no log-probability to train; give the window a size "
                              "or choose a forward-process objective (diffusionnft, awm, dgpo).")
         for name, lo in (("iterations", 1), ("prompts_per_iteration", 1), ("max_batch", 1),
-                         ("checkpoint_every", 0)):
+                         ("checkpoint_every", 0), ("kl_metric_parents", 0), ("eval_every", 0),
+                         ("eval_seeds", 1)):
             val = getattr(self, name)
             if not isinstance(val, int) or val < lo:
                 raise ValueError(f"{where}: {name} must be an integer >= {lo} (got {val!r}).")
@@ -111,6 +124,9 @@ class Callback:
                        images: torch.Tensor | None) -> None:
         """After the leaves are scored (``images`` are the decoded leaves, if kept)."""
 
+    def on_evaluation(self, iteration: int, result: dict) -> None:
+        """After a held-out evaluation (:func:`branchgrpo.evaluate.evaluate`'s result; ``images`` when kept)."""
+
     def on_iteration_end(self, iteration: int, metrics: dict[str, float]) -> None:
         """After the update of an iteration (``iteration`` counts completed iterations)."""
 
@@ -141,7 +157,7 @@ class BranchGRPOTrainer:
                  rewards: Sequence[Callable], decode: Callable[[torch.Tensor], torch.Tensor],
                  config: TrainerConfig, latent_shape: Sequence[int], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = (),
-                 keep_images: bool = False, dist: Any = None):
+                 keep_images: bool = False, dist: Any = None, eval_prompts: Sequence[str] = ()):
         config.validate()
         self.dist = dist or SingleProcess()
         if self.dist.world_size > 1 and config.optim.edges_per_step:
@@ -151,11 +167,15 @@ class BranchGRPOTrainer:
             raise ValueError("TrainerConfig: the prompt list is empty; give at least one prompt.")
         if not rewards:
             raise ValueError("TrainerConfig: no reward given; connect at least one reward model.")
+        if config.eval_every and not eval_prompts:
+            raise ValueError(f"TrainerConfig: eval_every is {config.eval_every} but there are no evaluation prompts; "
+                             "hold some prompts out for evaluation, or set eval_every to 0.")
         if config.reward_weights and len(config.reward_weights) != len(rewards):
             raise ValueError(f"TrainerConfig: reward_weights has {len(config.reward_weights)} entries for "
                              f"{len(rewards)} rewards; give one weight per reward.")
         self.model, self.adapter = model, adapter
         self.prompts = list(prompts)
+        self.eval_prompts = list(eval_prompts)
         self.rewards = list(rewards)
         self.decode = decode
         self.config = config
@@ -282,14 +302,44 @@ class BranchGRPOTrainer:
             for k, fn in enumerate(self.rewards):
                 metrics[f"reward/{getattr(fn, 'name', k)}"] = float(rewards[k].mean())
         metrics.update(upd)
+        # reward spread within trees, before normalisation (trees are contiguous blocks of leaves)
+        groups = tree.leaf_tree() if dist.world_size == 1 else torch.arange(combined.numel()) // sched.num_leaves()
+        metrics["reward_spread"] = reward_spread(combined, groups)
+        metrics.update(self._monitor(cond, tree, edges, sched))
         if dist.world_size > 1:  # counts summed over ranks; the loss and ratios stay this rank's
-            for key in ("leaves", "edges_total", "nfe_rollout", "nfe_train", "edges_trained"):
+            for key in ("leaves", "edges_total", "nfe_rollout", "nfe_train", "edges_trained", "nfe_metrics"):
                 metrics[key] = int(dist.all_reduce_sum(metrics[key]))
         self.history.append(metrics)
         self.last_tree, self.last_rewards = tree, combined
         for cb in self.callbacks:
             cb.on_iteration_end(self.iteration, metrics)
         return metrics
+
+    def _monitor(self, cond: Any, tree: Tree, edges: torch.Tensor, sched: BranchSchedule) -> dict[str, float]:
+        """After the update: the KL to the reference on a few trained parents, and the held-out evaluation."""
+        cfg, dist, it = self.config, self.dist, self.iteration
+        t0 = time.perf_counter()
+        out: dict[str, float] = {"nfe_metrics": 0, "nfe_eval": 0}
+        if cfg.kl_metric_parents > 0:
+            parents = torch.unique(tree.parent[edges]) if edges.numel() else torch.zeros(0, dtype=torch.long)
+            if parents.numel() > cfg.kl_metric_parents:
+                g = torch.Generator().manual_seed(_seed_for(cfg.seed, it, salt=211))
+                pick = torch.randperm(parents.numel(), generator=g)[:cfg.kl_metric_parents]
+                parents = parents[pick].sort().values
+            kl, nfe = reference_kl(self.model, cond, tree, parents, sched, self.reference, max_batch=cfg.max_batch,
+                                   device=self.device, dtype=self.dtype, hook=self._hook)
+            if dist.world_size > 1:
+                kl = dist.all_reduce_sum(kl) / dist.world_size
+            out["kl_ref"], out["nfe_metrics"] = float(kl), int(nfe)
+        if cfg.eval_every > 0 and (it % cfg.eval_every == 0 or it in (1, cfg.iterations)):
+            res = evaluate(self, self.eval_prompts, range(cfg.eval_seeds), keep_images=self.keep_images,
+                           hook=self._hook)
+            out.update({f"eval_{k}": v for k, v in res.items() if k.startswith("reward/")})
+            out["eval_reward"], out["eval_reward_std"], out["nfe_eval"] = res["reward"], res["reward_std"], res["nfe"]
+            for cb in self.callbacks:
+                cb.on_evaluation(it, res)
+        out["time_metrics"] = time.perf_counter() - t0
+        return out
 
     def train(self, checkpoint_path: str | os.PathLike | None = None,
               until: int | None = None) -> list[dict[str, float]]:
