@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from typing import Any, Sequence
 
 import torch
@@ -40,9 +41,32 @@ def model_family(model_patcher) -> str:
     return type(model_patcher.model).__name__
 
 
+#: Families ComfyUI samples as flow models (CONST) that BranchGRPO refuses (model_base class -> reason).
+REFUSED_FLOW_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(("Hunyuan3Dv2", "Hunyuan3Dv2_1"), (
+        "Hunyuan3D 2.x generates 3D shapes: its latent decodes to a shape volume, not to images or video, and every "
+        "BranchGRPO reward scores images (or video frames)")),
+    "ACEStep": ("ACE-Step generates audio: its latent decodes to a waveform, not to images or video, and every "
+                "BranchGRPO reward scores images (or video frames)"),
+}
+#: Rectified-flow families that ComfyUI samples in another parameterisation than CONST (class -> reason).
+OTHER_FLOW_PARAMETERISATIONS: dict[str, str] = {
+    "CosmosPredict2": ("Cosmos-Predict2 is sampled in ComfyUI's COSMOS_RFLOW parameterisation (the model input is "
+                       "rescaled by 1/(1+sigma) and sigma runs to 80), not the CONST flow x_t = (1-sigma) x0 + sigma "
+                       "noise on which BranchGRPO's SDE and log-probabilities are defined"),
+}
+
+
 def require_flow_model(model_patcher, node: str) -> None:
+    family = model_family(model_patcher)
+    if family in REFUSED_FLOW_FAMILIES:
+        raise ValueError(f"{node}: model — {family} cannot be trained with BranchGRPO: {REFUSED_FLOW_FAMILIES[family]}. "
+                         "Load an image or video flow model (README, 'Model families').")
     if is_flow_model(model_patcher):
         return
+    if family in OTHER_FLOW_PARAMETERISATIONS:
+        raise ValueError(f"{node}: model — {family} cannot be trained with BranchGRPO: "
+                         f"{OTHER_FLOW_PARAMETERISATIONS[family]}. Load a CONST flow model (README, 'Model families').")
     ms = model_patcher.get_model_object("model_sampling")
     kinds = [c.__name__ for c in type(ms).__mro__ if c.__module__ == comfy.model_sampling.__name__]
     raise ValueError(
@@ -208,6 +232,7 @@ class ComfyFlowModel:
         self._raw: dict[str, list] = dict(conditioning or {})  # prompt -> CONDITIONING
         self._negative_raw = None
         self._processed: dict[str, dict] = {}
+        self._batch_uuids: dict[tuple, Any] = {}
         self._prompt_ids: dict[str, int] = {}
         self._prompts: list[str] = []
         self.real_model = None
@@ -271,24 +296,79 @@ class ComfyFlowModel:
         return list(prompts)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: list[str], index: torch.Tensor) -> torch.Tensor:
+        """One model call for the whole batch, as the engine makes: the rows are ordered by prompt and the
+        prompts' conds concatenated into one cond (:meth:`_batched_cond`), then run through
+        ``sampling_function`` like a KSampler batch. Prompts whose conds cannot be concatenated (other
+        shapes, e.g. text of another token length under a model that does not pad, or areas, masks,
+        timestep ranges, hooks, ControlNets) are run as separate groups, one call each."""
         index = index.to("cpu")
-        groups = torch.unique(index).tolist()
-        view = (-1,) + (1,) * (x.dim() - 1)
-
-        def predict(xr, sr, prompt):
-            conds = self._processed[prompt]
-            denoised = comfy.samplers.sampling_function(self.real_model, xr, sr, conds.get("negative"),
-                                                        conds["positive"], self.cfg, self.model_options, self.seed)
-            return (xr.float() - denoised.float()) / sr.float().view(view)
-
         sigma = sigma.to(x.device)
-        if len(groups) == 1:
-            return predict(x, sigma, cond[groups[0]])
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        for k in groups:
-            rows = torch.nonzero(index == k).flatten().to(x.device)
-            out[rows] = predict(x[rows], sigma[rows], cond[k])
+        view = (-1,) + (1,) * (x.dim() - 1)
+        groups = torch.unique(index).tolist()
+        out = None
+        for bucket in self._buckets([cond[k] for k in groups]):
+            rows = [torch.nonzero(index == groups[i]).flatten() for i in bucket]
+            prompts = [cond[groups[i]] for i in bucket]
+            positive = self._batched_cond(prompts, [len(r) for r in rows])
+            negative = self._processed[prompts[0]].get("negative")
+            if len(bucket) == len(groups) and len(groups) == 1:
+                xr, sr = x, sigma
+            else:
+                order = torch.cat(rows).to(x.device)
+                xr, sr = x[order], sigma[order]
+            denoised = comfy.samplers.sampling_function(self.real_model, xr, sr, negative, positive, self.cfg,
+                                                        self.model_options, self.seed)
+            v = (xr.float() - denoised.float()) / sr.float().view(view)
+            if len(bucket) == len(groups) and len(groups) == 1:
+                return v
+            if out is None:
+                out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            out[order] = v
         return out
+
+    # what makes a processed cond unfit to merge with another prompt's (ComfyUI treats these per cond)
+    _PER_COND_KEYS = ("area", "mask", "timestep_start", "timestep_end", "hooks", "control", "gligen", "default")
+
+    def _mergeable(self, prompt: str) -> bool:
+        pos = self._processed[prompt]["positive"]
+        return len(pos) == 1 and not any(k in pos[0] for k in self._PER_COND_KEYS)
+
+    def _can_concat(self, a: str, b: str) -> bool:
+        ca, cb = self._processed[a]["positive"][0]["model_conds"], self._processed[b]["positive"][0]["model_conds"]
+        return ca.keys() == cb.keys() and all(ca[k].can_concat(cb[k]) for k in ca)
+
+    def _buckets(self, prompts: list[str]) -> list[list[int]]:
+        """Positions of ``prompts`` grouped into runs of one model call each: every prompt whose cond
+        concatenates with the bucket's first (ComfyUI's own ``can_concat`` rules) joins it."""
+        buckets: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            if self._mergeable(p):
+                for b in buckets:
+                    first = prompts[b[0]]
+                    if self._mergeable(first) and self._can_concat(first, p):
+                        b.append(i)
+                        break
+                else:
+                    buckets.append([i])
+            else:
+                buckets.append([i])
+        return buckets
+
+    def _batched_cond(self, prompts: list[str], counts: list[int]) -> list[dict]:
+        """The positive cond list of a batch whose first ``counts[0]`` rows use ``prompts[0]``, the next
+        ``counts[1]`` ``prompts[1]``, ...: each prompt's model conds repeated to its row count and
+        concatenated (``process_cond`` + ``concat``, as ``calc_cond_batch`` batches conds)."""
+        if len(prompts) == 1:
+            return self._processed[prompts[0]]["positive"]
+        entries = [self._processed[p]["positive"][0] for p in prompts]
+        merged = {}
+        for key, first in entries[0]["model_conds"].items():
+            parts = [e["model_conds"][key].process_cond(batch_size=n, area=None) for e, n in zip(entries, counts)]
+            merged[key] = parts[0]._copy_with(parts[0].concat(parts[1:]))
+        key = tuple(prompts)
+        if key not in self._batch_uuids:
+            self._batch_uuids[key] = uuid.uuid4()
+        return [{**entries[0], "model_conds": merged, "uuid": self._batch_uuids[key]}]
 
     # ------------------------------------------------------------------ latent space
     def to_vae_latent(self, x0: torch.Tensor) -> torch.Tensor:

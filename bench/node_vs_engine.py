@@ -1,0 +1,196 @@
+"""The Trainer node's path against the engine's, side by side on the CPU demo model.
+
+    .venv/bin/python -m bench.node_vs_engine                       # 8 iterations each, interleaved
+    .venv/bin/python -m bench.node_vs_engine --iterations 4 --out node_vs_engine.json
+
+Both train the same LoRA (same seed, rank, targets) on the same weights (``demo/tiny_t2i.safetensors``) with
+the CPU demo's settings (4 prompts per iteration, a 10-step tree forking at steps 0, 2, 4, 6, the colourfulness
+reward, learning rate 1e-3):
+
+* engine: :class:`branchgrpo.models.toy_dit.ToyVelocityModel` over the ToyDiT, the LoRA attached by hooks;
+* node: what the Trainer node runs: the Demo Model Loader's ModelPatcher in ComfyUI (imported in this process),
+  the LoRA through weight wrappers, :class:`nodes.comfy_model.ComfyFlowModel` calling
+  ``comfy.samplers.sampling_function``.
+
+Iterations alternate (engine, node, node, engine, ...) so machine noise hits both alike. Reported: seconds
+per iteration (median, the first iteration of each left out as warm-up), their ratio node / engine, model
+calls (forward calls of the diffusion model) per iteration in the rollout and in the update, and the largest
+difference of the mean rewards between the two paths (the same tree, so ~0 up to float rounding).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
+PACK = "comfyui_branchgrpo_pack"
+
+PROMPTS = ["red circle", "green square", "blue triangle", "yellow ring"]
+
+
+def import_comfy(cpu: bool = True):
+    """ComfyUI's modules in this process, and the pack imported as ComfyUI imports a custom node (so the
+    top-level ``nodes`` stays ComfyUI's). Returns the pack's ``nodes`` package."""
+    if not (COMFY_DIR / "comfy" / "samplers.py").is_file():
+        raise SystemExit(f"ComfyUI is missing at {COMFY_DIR}: run scripts/setup_dev.sh")
+    if str(COMFY_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFY_DIR))
+    import comfy.cli_args
+    if cpu:
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = mod
+        spec.loader.exec_module(mod)
+    return importlib.import_module(f"{PACK}.nodes")
+
+
+class CallCounter:
+    """Counts forward calls of a module, split at :meth:`mark` into phases."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._pre)
+
+    def _pre(self, module, args):
+        self.calls += 1
+
+    def take(self) -> int:
+        n, self.calls = self.calls, 0
+        return n
+
+
+def demo_config(iterations: int, prompts: int):
+    from branchgrpo.loss import OptimConfig
+    from branchgrpo.schedule import BranchSchedule
+    from branchgrpo.trainer import TrainerConfig
+    schedule = BranchSchedule(num_steps=10, split_steps=(0, 2, 4, 6), branching=2, split_noise_scale=4.0,
+                              sde="dancegrpo", eta=0.3, shift=3.0)
+    return TrainerConfig(schedule=schedule, optim=OptimConfig(learning_rate=1e-3, clip_range=1e-3,
+                                                              max_grad_norm=1.0, max_train_batch=16),
+                         iterations=iterations, prompts_per_iteration=prompts, seed=0, max_batch=64)
+
+
+def build_pair(nodes_pkg, iterations: int, n_prompts: int = 4, rank: int = 8):
+    """(engine trainer, engine counter, node trainer, node counter, node contexts) on the demo weights."""
+    from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+    from branchgrpo.models.toy_dit import ToyDiT, ToyDiTConfig, ToyVelocityModel
+    from branchgrpo.rewards.weight_free import Colorfulness
+    from branchgrpo.trainer import BranchGRPOTrainer, Callback
+
+    demo = importlib.import_module(f"{PACK}.nodes.demo_model")
+    cm = importlib.import_module(f"{PACK}.nodes.comfy_model")
+    prompts = PROMPTS[:n_prompts]
+    lora_cfg = LoRAConfig(rank=rank, alpha=float(rank), targets=("*attn*", "*mlp*"))
+    config = demo_config(iterations, n_prompts)
+    reward = Colorfulness()
+
+    class Phase(Callback):
+        def __init__(self, counter):
+            self.counter, self.rollout, self.update = counter, [], []
+
+        def on_rollout_end(self, iteration, tree, leaf_rewards, images):
+            self.rollout.append(self.counter.take())
+
+        def on_iteration_end(self, iteration, metrics):
+            self.update.append(self.counter.take())
+
+    # engine
+    sd, meta = demo.read_demo_file()
+    net = ToyDiT(ToyDiTConfig.from_dict(json.loads(meta["model_config"])))
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    freeze_base(net)
+    engine_model = ToyVelocityModel(net, tuple(json.loads(meta["class_names"])))
+    lora_e = LoRA(net, lora_cfg, seed=0)
+    lora_e.attach(net)
+    count_e = CallCounter(net)
+    phase_e = Phase(count_e)
+    engine = BranchGRPOTrainer(engine_model, lora_e, prompts, [reward], engine_model.decode, config,
+                               engine_model.latent_shape, callbacks=[phase_e])
+
+    # node (what nodes/trainer.py does)
+    mp, names = demo.build_demo_model()
+    latent_shape = (3, mp.model.diffusion_model.config.img_size, mp.model.diffusion_model.config.img_size)
+    with torch.inference_mode(False):
+        mpl, lora_n = cm.attach_lora(mp, lora_cfg, seed=0, device=mp.load_device)
+    flow = cm.ComfyFlowModel(mpl, latent_shape, clip=demo.DemoTextEncoder(names), guidance=3.5, seed=0)
+    flow.add_prompts(prompts)
+    vae = demo.DemoVAE(latent_shape[-1])
+    count_n = CallCounter(mp.model.diffusion_model)
+    phase_n = Phase(count_n)
+    node = BranchGRPOTrainer(flow, lora_n, prompts, [reward], lambda x0: vae.decode(flow.to_vae_latent(x0)),
+                             config, latent_shape, device=mp.load_device, callbacks=[phase_n])
+    contexts = (flow, cm.gradient_checkpointing, mpl)
+    return engine, phase_e, node, phase_n, contexts
+
+
+def run(iterations: int = 8, n_prompts: int = 4, threads: int | None = None) -> dict:
+    nodes_pkg = import_comfy()
+    if threads:
+        torch.set_num_threads(threads)
+    engine, phase_e, node, phase_n, (flow, checkpointing, mpl) = build_pair(nodes_pkg, iterations, n_prompts)
+    seconds = {"engine": [], "node": []}
+    with torch.inference_mode(False), torch.enable_grad(), flow.session(64), checkpointing(mpl, False):
+        for i in range(iterations):
+            order = ("engine", "node") if i % 2 == 0 else ("node", "engine")
+            for name in order:
+                trainer = engine if name == "engine" else node
+                t0 = time.perf_counter()
+                trainer.step()
+                seconds[name].append(time.perf_counter() - t0)
+    timed = slice(1, None) if iterations > 1 else slice(None)
+    med = {k: statistics.median(v[timed]) for k, v in seconds.items()}
+    rewards = {k: [h["reward_mean"] for h in t.history] for k, t in (("engine", engine), ("node", node))}
+    return {
+        "model": "demo/tiny_t2i.safetensors", "prompts_per_iteration": n_prompts, "iterations": iterations,
+        "threads": torch.get_num_threads(),
+        "seconds_per_iteration": {k: round(v, 4) for k, v in med.items()},
+        "seconds_all": {k: [round(s, 4) for s in v] for k, v in seconds.items()},
+        "ratio_node_to_engine": round(med["node"] / med["engine"], 3),
+        "model_calls_rollout": {"engine": phase_e.rollout, "node": phase_n.rollout},
+        "model_calls_update": {"engine": phase_e.update, "node": phase_n.update},
+        "model_evaluations": {k: [int(h["nfe_rollout"]) + int(h.get("nfe_train", 0)) for h in t.history]
+                              for k, t in (("engine", engine), ("node", node))},
+        "reward_mean": rewards,
+        "reward_max_abs_diff": max(abs(a - b) for a, b in zip(rewards["engine"], rewards["node"])),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts (trees) per iteration, at most 4")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default="", help="also write the result as JSON here")
+    args = ap.parse_args(argv)
+    if not 1 <= args.prompts <= len(PROMPTS):
+        ap.error(f"--prompts must be 1..{len(PROMPTS)}")
+    res = run(args.iterations, args.prompts, args.threads or None)
+    s = res["seconds_per_iteration"]
+    print(f"seconds per iteration (median): engine {s['engine']:.3f}  node {s['node']:.3f}  "
+          f"ratio node/engine {res['ratio_node_to_engine']:.3f}")
+    for phase in ("rollout", "update"):
+        c = res[f"model_calls_{phase}"]
+        print(f"model calls per iteration, {phase}: engine {c['engine']}  node {c['node']}")
+    print(f"largest |reward_mean(engine) - reward_mean(node)|: {res['reward_max_abs_diff']:.2e}")
+    if args.out:
+        from branchgrpo.fileio import write_text_atomic
+        write_text_atomic(args.out, json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
