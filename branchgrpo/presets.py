@@ -12,7 +12,20 @@ Counts per prompt (20 steps, splits 0,3,6,9, K=2): 16 leaves, 203 rollout model 
 ``branchgrpo-deppru``  + depth pruning of 5 depths of the 16-wide region (8.625 trained edges/leaf)
 ``branchgrpo-widpru``  + width pruning, best/worst half of the post-split edges (8.625 edges/leaf)
 ``branchgrpo-mix``     + SDE only on steps 0-3 and the split steps, ODE elsewhere
+``tempflow-grpo``      ODE except one SDE branching step (redrawn each iteration in 0-6 of 10) into
+                       16 children; only the branch edges trained, noise-aware weighted
+``flowgrpo-fast``      flat group of 16, 10 steps, ODE except a 2-step SDE window placed at random in
+                       steps 0-4 each iteration; only the window trained
+``diffusionnft``       flat ODE group of 16, 10 steps; DiffusionNFT on the clean samples, 9 timesteps
+``awm``                flat ODE group of 16, 14 steps; AWM (PPO ratio of the flow-matching error)
+``dgpo``               flat ODE group of 16, 10 steps; DGPO group preference, 4 timesteps
+``branch-nft``         the BranchGRPO tree (SDE only at the forks) feeding DiffusionNFT
+``branch-awm``         the BranchGRPO tree (SDE only at the forks) feeding AWM
+``branch-dgpo``        the BranchGRPO tree (SDE only at the forks) feeding DGPO
 =====================  ==========================================================================
+
+Forward-process presets (docs/methods.md) roll out without CFG and train on the clean samples;
+their defaults are the official configurations' (SD3.5-M), with Euler in place of the DPM solvers.
 """
 from __future__ import annotations
 
@@ -21,6 +34,7 @@ from typing import Callable
 
 from .advantage import AdvantageConfig
 from .loss import OptimConfig
+from .objectives import ObjectiveConfig
 from .pruning import PruningConfig
 from .schedule import BranchSchedule
 from .trainer import TrainerConfig
@@ -75,6 +89,68 @@ def _branchgrpo_mix() -> TrainerConfig:
     return cfg
 
 
+def _tempflow() -> TrainerConfig:
+    return TrainerConfig(
+        schedule=BranchSchedule(num_steps=10, split_steps=(0,), branching=16, split_noise_scale=1.0,
+                                sde="flowgrpo", eta=0.7, shift=3.0, sde_window=(0, 0), branch_step_range=(0, 7)),
+        advantage=AdvantageConfig(mode="tree", fusion="mean", clip=5.0),
+        optim=OptimConfig(clip_range=1e-4, noise_weighting=True),
+    )
+
+
+def _flowgrpo_fast() -> TrainerConfig:
+    cfg = _flowgrpo()
+    cfg.schedule.sde_window = (0, 2)
+    cfg.schedule.sde_window_range = (0, 5)
+    return cfg
+
+
+def _nft() -> ObjectiveConfig:
+    # config/nft.py: beta 1.0, decay_type 1 (min(0.001 n, 0.5)), train.beta (KL) 1e-4, 9 of 10 steps
+    return ObjectiveConfig(name="diffusionnft", train_timesteps=9, timestep_fraction=0.99, nft_beta=1.0,
+                           kl_beta=1e-4, old_decay_rate=0.001, old_decay_max=0.5, sample_with_old_after=0)
+
+
+def _awm() -> ObjectiveConfig:
+    # config/dgx_awm.py (geneval, no CFG): 6 stratified timesteps of steps [1, 0.9 N), ghuber 0.25,
+    # clip 1, advantage max 1, KL 1e-3, EMA-KL 1 with decay min(0.001 n, 0.3)
+    return ObjectiveConfig(name="awm", train_timesteps=6, first_step=1, timestep_fraction=0.9,
+                           timestep_sampling="stratified", awm_weighting="ghuber", ghuber_power=0.25,
+                           awm_adv_max=1.0, awm_clip_range=1.0, kl_beta=1e-3, old_kl_beta=1.0,
+                           old_decay_rate=0.001, old_decay_max=0.3)
+
+
+def _dgpo() -> ObjectiveConfig:
+    # config/dgpo_wocfg.py (geneval): 4 of the steps 0..4 of 10, shared noise per group, beta_dpo 100,
+    # clip_dsm 1e-3 against the EMA (decay min(0.001 n, 0.3)), KL 0.02, EMA sampling after 500 steps
+    return ObjectiveConfig(name="dgpo", train_timesteps=4, timestep_fraction=0.5, shared_noise=True,
+                           dpo_beta=100.0, dgpo_clip_range=1e-3, kl_beta=0.02, old_decay_rate=0.001,
+                           old_decay_max=0.3, sample_with_old_after=500)
+
+
+def _flat_forward(objective: Callable[[], ObjectiveConfig], num_steps: int, global_std: bool = False
+                  ) -> Callable[[], TrainerConfig]:
+    def make() -> TrainerConfig:
+        return TrainerConfig(
+            schedule=BranchSchedule(num_steps=num_steps, split_steps=(), branching=1, group_size=16,
+                                    sde="flowgrpo", eta=0.7, shift=3.0, sde_window=(0, 0)),
+            advantage=AdvantageConfig(mode="group", global_std=global_std),
+            optim=OptimConfig(learning_rate=3e-4),
+            objective=objective(),
+        )
+    return make
+
+
+def _branch_forward(objective: Callable[[], ObjectiveConfig]) -> Callable[[], TrainerConfig]:
+    def make() -> TrainerConfig:
+        cfg = _branchgrpo()()
+        cfg.schedule.sde_window = (0, 0)  # ODE except the forks: the leaves stay close to ODE samples
+        cfg.optim.learning_rate = 3e-4
+        cfg.objective = objective()
+        return cfg
+    return make
+
+
 PRESETS: dict[str, Callable[[], TrainerConfig]] = {
     "dancegrpo": _dancegrpo,
     "dancegrpo-tf0.6": lambda: _dancegrpo(0.6),
@@ -87,6 +163,14 @@ PRESETS: dict[str, Callable[[], TrainerConfig]] = {
                                      depth_stop=10),
     "branchgrpo-widpru": _branchgrpo(width_mode="best_worst", width_ratio=0.5),
     "branchgrpo-mix": _branchgrpo_mix,
+    "tempflow-grpo": _tempflow,
+    "flowgrpo-fast": _flowgrpo_fast,
+    "diffusionnft": _flat_forward(_nft, 10),
+    "awm": _flat_forward(_awm, 14, global_std=True),
+    "dgpo": _flat_forward(_dgpo, 10),
+    "branch-nft": _branch_forward(_nft),
+    "branch-awm": _branch_forward(_awm),
+    "branch-dgpo": _branch_forward(_dgpo),
 }
 
 
