@@ -1,10 +1,11 @@
 """Run configuration files for headless training (``python -m branchgrpo train CONFIG``).
 
-Format: TOML (read with the standard library's :mod:`tomllib`; written by :func:`dump_toml`, a small
-writer for exactly the values a run config holds). Every field is documented: the documentation of the
-engine's own settings (``[schedule]``, ``[advantage]``, ``[pruning]``, ``[optim]``, ``[training]``) is
-read from the attribute docstrings of the engine's dataclasses, so the template never drifts from the
-code. ``python -m branchgrpo train --print-default-config`` prints the commented template.
+Format: TOML, read with the standard library's :mod:`tomllib` and written with ``tomli-w``. The typed schema
+is the dataclasses themselves: the run's own sections below and the engine's settings (every dataclass field
+of :class:`~branchgrpo.trainer.TrainerConfig` is a section, e.g. ``[schedule]``; its plain fields form
+``[training]``), checked by ``pydantic`` (strict types: no string is taken for a number). Every field is
+documented from the attribute docstring that follows it in its dataclass, so the template never drifts from
+the code. ``python -m branchgrpo train --print-default-config`` prints the commented template.
 
 Layout::
 
@@ -14,19 +15,25 @@ Layout::
     [lora]      rank, alpha, target modules (diffusers module names, fnmatch globs)
     [prompts]   training prompts (inline list and/or a text file)
     [[rewards]] one table per reward: name (registry), weight, args for its loader
-    [training]  iterations, prompts_per_iteration, seed, max_batch, checkpoint_every
-    [schedule] [advantage] [pruning] [optim]   the engine's settings, field by field
+    [training]  iterations, prompts_per_iteration, seed, max_batch, checkpoint_every, ...
+    [schedule] [advantage] [pruning] [optim] [objective]   the engine's settings, field by field
 
-Every problem is reported as a :class:`ConfigError` naming the field (``schedule.split_steps: ...``)
-before anything is loaded. Relative paths are relative to the config file's folder.
+Adding a setting is a one-place change: a field (with its docstring) in an engine dataclass, or in one of
+the sections here, is parsed, type-checked, validated, written and documented from then on. A new engine
+section is a new dataclass field of ``TrainerConfig`` (with a ``validate(where)`` method); only a section
+with a hand-written summary needs a line in :data:`SECTION_DOCS`.
+
+Every problem is reported as a :class:`ConfigError` naming the field (``schedule.split_steps: ...``), with the
+closest valid name for a misspelt one, before anything is loaded. Relative paths are relative to the config
+file's folder.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
-import json
 import math
 import os
 import re
@@ -35,14 +42,13 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
+
+import pydantic
+import tomli_w
 
 from .fileio import write_text_atomic  # noqa: F401  (re-exported for the CLI and the nodes)
-from .advantage import AdvantageConfig
-from .loss import OptimConfig
 from .presets import PRESETS
-from .pruning import PruningConfig
-from .schedule import BranchSchedule
 from .trainer import TrainerConfig
 
 __all__ = ["ConfigError", "RunConfig", "RunSection", "ModelSection", "LoRASection", "PromptsSection",
@@ -50,13 +56,23 @@ __all__ = ["ConfigError", "RunConfig", "RunSection", "ModelSection", "LoRASectio
            "DEFAULT_LORA_TARGETS", "write_text_atomic"]
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FAMILIES = ("auto", "flux", "sd3", "wan")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+Family = Literal["auto", "flux", "sd3", "wan"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+FAMILIES, DTYPES = typing.get_args(Family), typing.get_args(Dtype)
 DEFAULT_LORA_TARGETS = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*.add_q_proj", "*.add_k_proj",
                         "*.add_v_proj", "*.to_add_out")
-TRAINING_FIELDS = ("iterations", "prompts_per_iteration", "seed", "max_batch", "checkpoint_every")
-ENGINE_SECTIONS: dict[str, type] = {"schedule": BranchSchedule, "advantage": AdvantageConfig,
-                                    "pruning": PruningConfig, "optim": OptimConfig}
+
+_TRAINER_HINTS = typing.get_type_hints(TrainerConfig)
+#: The engine's settings sections: every dataclass field of TrainerConfig (schedule, advantage, ...).
+ENGINE_SECTIONS: dict[str, type] = {f.name: _TRAINER_HINTS[f.name] for f in dataclasses.fields(TrainerConfig)
+                                    if dataclasses.is_dataclass(_TRAINER_HINTS[f.name])}
+#: ``[training]``: TrainerConfig's plain fields (the reward weights come from ``[[rewards]]``).
+TRAINING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainerConfig)
+                                         if f.name not in ENGINE_SECTIONS and f.name != "reward_weights")
+#: Lower bounds of [training]'s integer fields (checked here, before the engine's own validation).
+_TRAINING_MIN = {"iterations": 1, "prompts_per_iteration": 1, "max_batch": 1}
+#: Extra positional arguments of an engine section's ``validate`` (pruning needs the step count).
+_VALIDATE_ARGS = {"pruning": lambda t: (t.schedule.num_steps,)}
 
 
 class ConfigError(ValueError):
@@ -80,15 +96,15 @@ class RunSection:
     lora_file: str = ""
     """Where the trained LoRA (ComfyUI key format) is written, e.g. ComfyUI/models/loras/branchgrpo/x.safetensors.
     Empty: <run folder>/<name>.safetensors. It is rewritten at every checkpoint and at the end."""
-    resume: str = "auto"
+    resume: Literal["auto", "never"] = "auto"
     """'auto': continue from <run folder>/checkpoint.pt when it exists (same settings required, the
     iteration count may grow); 'never': start fresh (an existing checkpoint is overwritten)."""
     device: str = "auto"
     """'auto' (cuda:<LOCAL_RANK> when CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """Weights / compute dtype of the diffusion model and text encoders: 'auto' (bfloat16 on CUDA,
     float32 on CPU), 'float32', 'bfloat16' or 'float16'. The LoRA and its optimizer stay float32."""
-    tensorboard: str = "auto"
+    tensorboard: Literal["auto", "on", "off"] = "auto"
     """TensorBoard event files in <run folder>/tensorboard: 'auto' (when the tensorboard package is
     installed), 'on' (fail at start when it is not) or 'off'. Metrics always go to metrics.jsonl."""
     progress: bool = True
@@ -97,7 +113,7 @@ class RunSection:
 
 @dataclass
 class ModelSection:
-    family: str = "auto"
+    family: Family = "auto"
     """'flux' (FLUX.1 dev/schnell), 'sd3' (SD3 / SD3.5), 'wan' (Wan 2.1 text-to-video), or 'auto' (read
     from model_index.json / transformer/config.json of 'path')."""
     path: str = ""
@@ -259,6 +275,11 @@ _EXTRA_DOCS: dict[str, dict[str, str]] = {
         "depth_slide_interval": "Iterations between two slides of the pruned depths.",
         "width_ratio": "Fraction of the post-split edges that width pruning keeps.",
     },
+    "objective": {
+        "ghuber_power": "Power p of AWM's 'ghuber' surrogate: -t * ((mse + 1e-10)^p - 1e-10^p) / p.",
+        "old_decay_rate": "EMA old policy: the decay grows by this much per optimizer step (see old_decay_flat).",
+        "old_decay_max": "EMA old policy: the largest decay (see old_decay_flat).",
+    },
 }
 
 
@@ -284,9 +305,42 @@ SECTION_DOCS = {
     "pruning": "Which edges enter the backward pass.",
     "optim": "The PPO-clip update and its optimizer.",
 }
+for _name in ENGINE_SECTIONS:  # a new engine section is documented by its TrainerConfig field's docstring
+    SECTION_DOCS.setdefault(_name, _attribute_docs(TrainerConfig).get(_name, f"The engine's {_name} settings."))
 
 
-# ------------------------------------------------------------------------------------- type checking
+# ---------------------------------------------------------------------------------------- typed schema
+# One pydantic model per dataclass, derived from its type hints: numbers, booleans and strings are strict
+# (TOML has types; "3" is not 3), TOML arrays become tuples, "none" clears an optional field, unknown keys
+# are refused. Only the keys present are validated; the rest keep the preset's / the dataclass's defaults.
+def _none(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+
+_STRICT = {int: pydantic.StrictInt, float: pydantic.StrictFloat, bool: pydantic.StrictBool,
+           str: pydantic.StrictStr}
+
+
+def _strict(tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = typing.Union[tuple(_strict(a) for a in args)]
+        return Annotated[inner, pydantic.BeforeValidator(_none)] if type(None) in args else inner
+    if origin is tuple:
+        return tuple[tuple(_strict(a) if a is not Ellipsis else a for a in args)]
+    if tp is dict or origin is dict:
+        return dict
+    return _STRICT.get(tp, tp)
+
+
+@functools.cache
+def _schema(cls: type) -> type[pydantic.BaseModel]:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: (_strict(hints[f.name]), None) for f in dataclasses.fields(cls)}
+    return pydantic.create_model(f"{cls.__name__}Schema", __config__=pydantic.ConfigDict(extra="forbid"),
+                                 **fields)
+
+
 def _describe(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -294,51 +348,13 @@ def _describe(tp: Any) -> str:
             (' or "none"' if type(None) in args else "")
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}s"
+            plural = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+            return f"a list of {plural.get(args[0], _describe(args[0]))}"
         return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a table"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """``value`` (from TOML) checked against the annotation ``tp``; lists become tuples."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, name)
-            except ConfigError:
-                continue
-        raise ConfigError(name, f"expected {_describe(tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
-            if len(value) != len(args):
-                raise ConfigError(name, f"expected {_describe(tp)}, got {len(value)} values")
-            return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    else:
-        return value
-    raise ConfigError(name, f"expected {_describe(tp)}, got {value!r}")
 
 
 def _unknown(name: str, key: str, valid: Sequence[str]) -> ConfigError:
@@ -347,19 +363,46 @@ def _unknown(name: str, key: str, valid: Sequence[str]) -> ConfigError:
     return ConfigError(f"{name}.{key}" if name else key, f"unknown field{hint}")
 
 
-def _fill(cls: type, base: Any, data: Any, section: str) -> Any:
-    """A ``cls`` instance: ``base`` (an instance, or None for the defaults) with ``data``'s fields replaced."""
+def _config_error(err: pydantic.ValidationError, cls: type, data: Mapping, section: str) -> ConfigError:
+    """The first problem (in the order of the config's keys) as a ConfigError naming the field."""
+    order = list(data)
+    first = min(err.errors(), key=lambda e: order.index(e["loc"][0]) if e["loc"][0] in order else len(order))
+    key, rest = first["loc"][0], first["loc"][1:]
+    if first["type"] == "extra_forbidden":
+        return _unknown(section, str(key), [f.name for f in dataclasses.fields(cls)])
+    tp, value, name = typing.get_type_hints(cls)[key], data[key], f"{section}.{key}"
+    args = typing.get_args(tp)
+    if first["type"] == "literal_error" and isinstance(value, str):
+        close = difflib.get_close_matches(value, [str(a) for a in args], n=1)
+        if close:
+            return ConfigError(name, f"expected {_describe(tp)}, got {value!r}; did you mean {close[0]!r}?")
+    if first["type"] in ("too_long", "too_short", "missing") and isinstance(value, (list, tuple)):
+        return ConfigError(name, f"expected {_describe(tp)}, got {len(value)} values")
+    if rest and isinstance(rest[0], int) and typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)):
+        i = rest[0]  # one element of a list (a union's errors carry the member's name instead)
+        tp, value, name = (args[0] if args[-1] is Ellipsis else args[i]), value[i], f"{name}[{i}]"
+    return ConfigError(name, f"expected {_describe(tp)}, got {value!r}")
+
+
+def _values(cls: type, data: Any, section: str) -> dict[str, Any]:
+    """The fields ``data`` (a TOML table) sets, checked against ``cls``'s schema."""
     if not isinstance(data, dict):
         raise ConfigError(section, f"expected a table ([{section}]), got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown(section, key, names)
-        values[key] = _coerce(value, hints[key], f"{section}.{key}")
-    obj = base if base is not None else cls()
-    return dataclasses.replace(obj, **values)
+    try:
+        parsed = _schema(cls).model_validate(data)
+    except pydantic.ValidationError as e:
+        raise _config_error(e, cls, data, section) from None
+    return {k: getattr(parsed, k) for k in data}
+
+
+def _fill(cls: type, base: Any, data: Any, section: str) -> Any:
+    """A ``cls`` instance: ``base`` (an instance, or None for the defaults) with ``data``'s fields replaced."""
+    return dataclasses.replace(base if base is not None else cls(), **_values(cls, data, section))
+
+
+#: The schema of ``[training]``: TrainerConfig's plain fields.
+_TrainingSection = dataclasses.make_dataclass(
+    "TrainingSection", [(n, _TRAINER_HINTS[n], dataclasses.field(default=None)) for n in TRAINING_FIELDS])
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -391,19 +434,10 @@ def _parse(data: dict, base_dir: str, source: str | None, check_files: bool) -> 
     else:
         base = TrainerConfig()
 
-    subs = {}
-    for sec, cls in ENGINE_SECTIONS.items():
-        subs[sec] = _fill(cls, getattr(base, sec), data.get(sec, {}), sec)
-    training = data.get("training", {})
-    if not isinstance(training, dict):
-        raise ConfigError("training", f"expected a table ([training]), got {training!r}")
-    hints = typing.get_type_hints(TrainerConfig)
-    top = {}
-    for key, value in training.items():
-        if key not in TRAINING_FIELDS:
-            raise _unknown("training", key, TRAINING_FIELDS)
-        top[key] = _coerce(value, hints[key], f"training.{key}")
-    top.setdefault("checkpoint_every", 1)  # headless runs checkpoint every iteration unless told otherwise
+    subs = {sec: _fill(cls, getattr(base, sec), data.get(sec, {}), sec) for sec, cls in ENGINE_SECTIONS.items()}
+    top = {k: getattr(base, k) for k in TRAINING_FIELDS}
+    top["checkpoint_every"] = 1  # headless runs checkpoint every iteration unless told otherwise
+    top.update(_values(_TrainingSection, data.get("training", {}), "training"))
 
     run = _fill(RunSection, None, data.get("run", {}), "run")
     model = _fill(ModelSection, None, data.get("model", {}), "model")
@@ -429,33 +463,30 @@ def _parse(data: dict, base_dir: str, source: str | None, check_files: bool) -> 
 def _validate(cfg: RunConfig, check_files: bool) -> None:
     # -- engine settings: the engine's own checks, reported under the section that holds the field
     t = cfg.trainer
-    for sec in ENGINE_SECTIONS:
+    for sec, cls in ENGINE_SECTIONS.items():
         try:
-            if sec == "pruning":
-                t.pruning.validate(t.schedule.num_steps, "pruning")
-            else:
-                getattr(t, sec).validate(sec)
+            getattr(t, sec).validate(*_VALIDATE_ARGS.get(sec, lambda _: ())(t), sec)
         except ValueError as e:
-            msg = str(e)
-            fname = _field_in_message(msg, ENGINE_SECTIONS[sec])
-            raise ConfigError(f"{sec}.{fname}" if fname else sec, msg.split(": ", 1)[-1]) from None
+            raise _engine_error(str(e), sec, cls) from None
     for name in TRAINING_FIELDS:
-        lo = 0 if name in ("checkpoint_every", "seed") else 1
         val = getattr(t, name)
-        if val < lo:
-            raise ConfigError(f"training.{name}", f"must be an integer >= {lo} (got {val!r})")
+        if _TRAINER_HINTS[name] is int and val < _TRAINING_MIN.get(name, 0):
+            raise ConfigError(f"training.{name}", f"must be an integer >= {_TRAINING_MIN.get(name, 0)} (got {val!r})")
+    try:  # the checks across sections (e.g. an objective that needs SDE steps the schedule does not have)
+        t.validate("training")
+    except ValueError as e:
+        where, _, msg = str(e).partition(": ")
+        sec = where.split(".", 1)[1] if where.startswith("training.") else ""
+        if sec in ENGINE_SECTIONS:
+            raise _engine_error(msg, sec, ENGINE_SECTIONS[sec]) from None
+        fname = next((n for n in TRAINING_FIELDS if re.search(rf"\b{n}\b", msg)), None)
+        raise ConfigError(f"training.{fname}" if fname else "training", msg) from None
 
     # -- run
     r = cfg.run
     if not RUN_NAME.match(r.name):
         raise ConfigError("run.name", f"{r.name!r} is not a plain folder name; use letters, digits, '_', '.' "
                                       "or '-' (no slashes), e.g. 'flux_hps_run1'")
-    if r.resume not in ("auto", "never"):
-        raise ConfigError("run.resume", f"must be 'auto' or 'never' (got {r.resume!r})")
-    if r.dtype not in DTYPES:
-        raise ConfigError("run.dtype", f"must be one of {', '.join(DTYPES)} (got {r.dtype!r})")
-    if r.tensorboard not in ("auto", "on", "off"):
-        raise ConfigError("run.tensorboard", f"must be 'auto', 'on' or 'off' (got {r.tensorboard!r})")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", r.device):
         raise ConfigError("run.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {r.device!r})")
     if r.lora_file and not r.lora_file.endswith(".safetensors"):
@@ -463,8 +494,6 @@ def _validate(cfg: RunConfig, check_files: bool) -> None:
 
     # -- model
     m = cfg.model
-    if m.family not in FAMILIES:
-        raise ConfigError("model.family", f"must be one of {', '.join(FAMILIES)} (got {m.family!r})")
     for name in ("width", "height", "frames"):
         if getattr(m, name) < 1:
             raise ConfigError(f"model.{name}", f"must be >= 1 (got {getattr(m, name)})")
@@ -534,6 +563,12 @@ def _validate(cfg: RunConfig, check_files: bool) -> None:
         raise ConfigError("rewards[0].weight", "every reward has weight 0; give at least one a non-zero weight")
 
 
+def _engine_error(msg: str, sec: str, cls: type) -> ConfigError:
+    """An engine validation message as a ConfigError on the field it is about (``schedule.split_steps``)."""
+    fname = _field_in_message(msg, cls)
+    return ConfigError(f"{sec}.{fname}" if fname else sec, msg.split(": ", 1)[-1])
+
+
 def _field_in_message(msg: str, cls: type) -> str | None:
     """The dataclass field an engine validation message is about (the first field name it mentions)."""
     body = msg.split(": ", 1)[-1]
@@ -582,34 +617,34 @@ def apply_override(data: dict, item: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ writing
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+# tomli-w writes every key and value; this lays them out as a documented file: one table per section in
+# the config's order, each field preceded by its documentation, short lists on one line, a field that is
+# itself a table (model.text_encoder_files, rewards[i].args) as a sub-table after the section's fields.
+_SHORT = 96  # longest list kept on one line
 
 
-def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k)
+def _clean(value: Any) -> Any:
+    """``value`` with ``None`` as ``"none"`` (TOML has no null) and paths as strings, all the way down."""
+    if value is None:
+        return "none"
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items() if x is not None) + " }" \
-            if v else "{}"
-    if isinstance(v, os.PathLike):
-        return json.dumps(os.fspath(v), ensure_ascii=False)
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+def _toml_line(key: str, value: Any) -> str:
+    """``key = value`` as tomli-w writes it; a list of plain values on one line when it is short."""
+    value = _clean(value)
+    if isinstance(value, list) and value and not any(isinstance(x, (list, Mapping)) for x in value):
+        items = [tomli_w.dumps({"v": x})[len("v = "):-1] for x in value]
+        line = tomli_w.dumps({key: []})[:-len("[]\n")] + "[" + ", ".join(items) + "]"
+        if len(line) <= _SHORT:
+            return line
+    return tomli_w.dumps({key: value}).rstrip("\n")
 
 
 def _comment(text: str, width: int = 100) -> list[str]:
@@ -619,31 +654,36 @@ def _comment(text: str, width: int = 100) -> list[str]:
 def dump_toml(data: Mapping[str, Any], docs: bool = True, header: str = "") -> str:
     """TOML text for a run-config dict: top-level scalars, then one table per section, ``rewards`` as an
     array of tables. ``docs`` adds every field's documentation as comments; ``None`` is written as the
-    string ``"none"`` (TOML has no null), which the parser reads back as None for optional fields."""
+    string ``"none"``, which the parser reads back as None for optional fields."""
     lines: list[str] = []
     if header:
         lines += _comment(header) + [""]
-    tables = [(k, v) for k, v in data.items() if isinstance(v, dict) or (isinstance(v, list) and v
-                                                                            and all(isinstance(x, dict) for x in v))]
+    tables = {k: v for k, v in data.items() if isinstance(v, Mapping)
+              or (isinstance(v, (list, tuple)) and v and all(isinstance(x, Mapping) for x in v))}
     for k, v in data.items():
-        if (k, v) in tables:
+        if k in tables:
             continue
         if docs and k == "preset":
             lines += _comment("A named engine preset (" + ", ".join(sorted(PRESETS)) + "); the sections "
                               "below override its fields. Empty: the engine's defaults.")
-        lines.append(f"{_key(k)} = {_value(v)}")
-    for name, value in tables:
-        rows = value if isinstance(value, list) else [value]
+        lines.append(_toml_line(k, v))
+    for name, value in tables.items():
+        array = not isinstance(value, Mapping)
         field_doc = field_docs(name) if docs and name in SECTION_DOCS else {}
-        for row in rows:
+        for i, row in enumerate(value if array else [value]):
             lines.append("")
-            if docs and name in SECTION_DOCS and (row is rows[0]):
+            if docs and name in SECTION_DOCS and i == 0:
                 lines += _comment(SECTION_DOCS[name])
-            lines.append(f"[[{name}]]" if isinstance(value, list) else f"[{name}]")
-            for fk, fv in row.items():
+            key = tomli_w.dumps({name: 0})[:-len(" = 0\n")]  # quoted by tomli-w when it has to be
+            lines.append(f"[[{key}]]" if array else f"[{key}]")
+            plain = [(k, v) for k, v in row.items() if not isinstance(v, Mapping)]
+            for fk, fv in plain + [(k, v) for k, v in row.items() if isinstance(v, Mapping)]:
                 if docs and field_doc.get(fk):
                     lines += _comment(field_doc[fk])
-                lines.append(f"{_key(fk)} = {_value('none' if fv is None else fv)}")
+                if isinstance(fv, Mapping):  # a sub-table [name.fk] (of this element, for an array)
+                    lines += tomli_w.dumps({name: {fk: _clean(fv)}}).rstrip("\n").splitlines()
+                else:
+                    lines.append(_toml_line(fk, fv))
     return "\n".join(lines) + "\n"
 
 
@@ -673,5 +713,3 @@ def default_template(preset: str = "branchgrpo", family: str = "flux") -> str:
               "file's folder. Values that are not set keep the preset's (or the engine's) defaults; an optional "
               "value is cleared with \"none\". Override any field on the command line: --set section.field=value.")
     return dump_toml(data, docs=True, header=header)
-
-

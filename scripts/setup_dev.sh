@@ -91,7 +91,7 @@ MODULES_OK=1
 import importlib.util, sys
 mods = ["torch", "torchvision", "aiohttp", "yarl", "einops", "transformers", "tokenizers",
         "sentencepiece", "safetensors", "scipy", "torchsde", "av", "alembic", "sqlalchemy",
-        "pydantic_settings", "comfyui_frontend_package", "requests", "pytest", "websocket"]
+        "pydantic_settings", "comfyui_frontend_package", "requests", "pytest", "websocket", "tomli_w"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 if missing:
     print("setup_dev: missing modules:", " ".join(missing))
