@@ -130,6 +130,10 @@ class Callback:
     def on_iteration_end(self, iteration: int, metrics: dict[str, float]) -> None:
         """After the update of an iteration (``iteration`` counts completed iterations)."""
 
+    def on_phase_end(self, phase: str, index: int | None = None) -> None:
+        """After the leaves are decoded (``"decode"``) and after reward ``index`` scored them (``"reward"``):
+        the model of that phase may be released."""
+
 
 class TrainingCancelled(RuntimeError):
     pass
@@ -215,19 +219,37 @@ class BranchGRPOTrainer:
         disabled = getattr(self.adapter, "disabled", None)
         return disabled() if disabled is not None else nullcontext()
 
+    #: Leaves per VAE decode and per reward call (``None``: ``config.max_batch``); a caller sizes them to its
+    #: memory budget (the ComfyUI Trainer does, from the VAE's and the scorer's memory per image).
+    decode_batch: int | None = None
+    reward_batch: int | None = None
+
+    def _phase_end(self, phase: str, index: int | None = None) -> None:
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_phase_end", None)
+            if hook is not None:
+                hook(phase, index)
+
     @torch.no_grad()
     def score(self, x0: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decode and score leaves; returns rewards ``[R, L]`` and (optionally) the images."""
-        scores = [[] for _ in self.rewards]
-        images = []
-        mb = self.config.max_batch
-        for start in range(0, x0.shape[0], mb):
-            img = self.decode(x0[start:start + mb])
-            for k, fn in enumerate(self.rewards):
-                scores[k].append(torch.as_tensor(fn(img, prompts[start:start + mb])).float().flatten().cpu())
-            if self.keep_images:
-                images.append(img.detach().cpu())
-        return torch.stack([torch.cat(s) for s in scores]), (torch.cat(images) if images else None)
+        """Decode all leaves, then score them with each reward in turn; returns rewards ``[R, L]`` and
+        (optionally) the images.
+
+        Phase by phase, so only one of the VAE and the reward models has to be in memory at a time: the
+        leaves are decoded in chunks of :attr:`decode_batch`, then ``on_phase_end("decode")``; reward ``k``
+        scores them in chunks of :attr:`reward_batch`, then ``on_phase_end("reward", k)``. A callback
+        releases the model whose phase ended."""
+        n = x0.shape[0]
+        db = max(1, int(self.decode_batch or self.config.max_batch))
+        images = torch.cat([self.decode(x0[start:start + db]) for start in range(0, n, db)])
+        self._phase_end("decode")
+        rb = max(1, int(self.reward_batch or self.config.max_batch))
+        scores = []
+        for k, fn in enumerate(self.rewards):
+            scores.append(torch.cat([torch.as_tensor(fn(images[start:start + rb], prompts[start:start + rb]))
+                                     .float().flatten().cpu() for start in range(0, n, rb)]))
+            self._phase_end("reward", k)
+        return torch.stack(scores), (images.detach().cpu() if self.keep_images else None)
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict[str, float]:
