@@ -73,6 +73,8 @@ class EvalParts:
 
     ``rewards``: callables ``fn(images, prompts) -> [N]``; ``reward_weights`` one per reward (default 1).
     ``reference``: a context-manager factory that turns the adapter off (for ``evaluate(..., reference=True)``).
+    ``score``: ``score(x0, prompts) -> (rewards [R, N], images or None)`` replaces the built-in decode-then-score
+    (a trainer's :meth:`~branchgrpo.trainer.BranchGRPOTrainer.score`, which schedules its models' memory).
     """
     model: VelocityModel
     decode: Callable[[torch.Tensor], torch.Tensor]
@@ -84,6 +86,7 @@ class EvalParts:
     device: torch.device | str = "cpu"
     dtype: torch.dtype | None = None
     reference: Callable[[], ContextManager] | None = None
+    score: Callable[[torch.Tensor, Sequence[str]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     @classmethod
     def from_trainer(cls, trainer: Any) -> "EvalParts":
@@ -91,7 +94,7 @@ class EvalParts:
         return cls(model=trainer.model, decode=trainer.decode, rewards=trainer.rewards, schedule=cfg.schedule,
                    latent_shape=trainer.latent_shape, reward_weights=cfg.reward_weights,
                    max_batch=cfg.max_batch, device=trainer.device, dtype=trainer.dtype,
-                   reference=trainer.reference)
+                   reference=trainer.reference, score=trainer.score)
 
 
 @torch.no_grad()
@@ -105,7 +108,8 @@ def evaluate(source: Any, prompts: Sequence[str], seeds: Sequence[int], *, refer
 
     Returns ``reward`` (mean weighted reward), ``reward_std`` (over samples), ``reward/<name>`` (per
     reward, when there are several), ``rewards`` (``[N]`` weighted reward per sample, CPU), ``x0`` (the
-    clean latents, CPU), ``nfe`` (model evaluations), ``samples``, and ``images`` (CPU) when ``keep_images``.
+    clean latents, CPU), ``nfe`` (model evaluations), ``samples``, and ``images`` (CPU) when ``keep_images``
+    (with a ``score`` of its own, e.g. a trainer's, when that scorer keeps them).
     """
     parts = source if isinstance(source, EvalParts) else EvalParts.from_trainer(source)
     prompts = list(prompts)
@@ -128,16 +132,15 @@ def evaluate(source: Any, prompts: Sequence[str], seeds: Sequence[int], *, refer
                               max_batch=parts.max_batch, device=parts.device, dtype=parts.dtype,
                               num_steps=num_steps, hook=hook)
     sample_prompts = [p for p in prompts for _ in seeds]
-    scores = [[] for _ in parts.rewards]
-    images = []
-    mb = max(1, int(parts.max_batch))
-    for start in range(0, x0.shape[0], mb):
-        img = parts.decode(x0[start:start + mb])
-        for k, fn in enumerate(parts.rewards):
-            scores[k].append(torch.as_tensor(fn(img, sample_prompts[start:start + mb])).float().flatten().cpu())
-        if keep_images:
-            images.append(img.detach().cpu())
-    per_reward = torch.stack([torch.cat(s) for s in scores])
+    if parts.score is not None:
+        per_reward, images = parts.score(x0, sample_prompts)
+    else:  # decode everything, then each reward in turn
+        mb = max(1, int(parts.max_batch))
+        images = torch.cat([parts.decode(x0[start:start + mb]).detach() for start in range(0, x0.shape[0], mb)])
+        per_reward = torch.stack([
+            torch.cat([torch.as_tensor(fn(images[start:start + mb], sample_prompts[start:start + mb]))
+                       .float().flatten().cpu() for start in range(0, x0.shape[0], mb)]) for fn in parts.rewards])
+    per_reward = torch.as_tensor(per_reward).float().cpu()
     combined = (torch.tensor(weights, dtype=torch.float32)[:, None] * per_reward).sum(0)
     out: dict[str, Any] = {
         "reward": float(combined.mean()),
@@ -147,8 +150,8 @@ def evaluate(source: Any, prompts: Sequence[str], seeds: Sequence[int], *, refer
     if len(parts.rewards) > 1:
         for k, fn in enumerate(parts.rewards):
             out[f"reward/{getattr(fn, 'name', k)}"] = float(per_reward[k].mean())
-    if keep_images:
-        out["images"] = torch.cat(images)
+    if keep_images and images is not None:
+        out["images"] = images.cpu()
     return out
 
 
