@@ -359,7 +359,9 @@ class BranchGRPOTrainer:
             out.update({f"eval_{k}": v for k, v in res.items() if k.startswith("reward/")})
             out["eval_reward"], out["eval_reward_std"], out["nfe_eval"] = res["reward"], res["reward_std"], res["nfe"]
             for cb in self.callbacks:
-                cb.on_evaluation(it, res)
+                hook = getattr(cb, "on_evaluation", None)  # callbacks written before this hook existed lack it
+                if hook is not None:
+                    hook(it, res)
         out["time_metrics"] = time.perf_counter() - t0
         return out
 
