@@ -160,15 +160,23 @@ class _OutOfPlaceOnBlockInputs(TorchFunctionMode):
             return out
         return func(*args, **kwargs)
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """Saved-tensor hook: a tracked tensor is saved as a copy. Other in-place updates of the block's inputs
-        that cannot be made out of place (LTX-Video: ``x.addcmul_(attn, gate)`` after ``rms_norm(x)`` saved
-        ``x``; the statement does not rebind ``x``) then leave the saved value intact."""
-        return t.clone() if id(t) in self.ids else t
+    def saved_tensor_hooks(self):
+        """Saved-tensor hooks: a tracked tensor is saved as a copy, so in-place updates of the block's inputs that
+        cannot be made out of place (LTX-Video: ``x.addcmul_(attn, gate)`` after ``rms_norm(x)`` saved ``x``; the
+        statement does not rebind ``x``) leave the saved value intact. Other tensors go to the hooks active
+        outside (gradient checkpointing's), or are saved as usual."""
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
 
+        def pack(t):
+            if id(t) in self.ids:
+                return True, t.clone()
+            return False, (outer[0](t) if outer else t)
 
-def _unpack_saved(t: torch.Tensor) -> torch.Tensor:
-    return t
+        def unpack(packed):
+            mine, value = packed
+            return value if mine or not outer else outer[1](value)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 @contextlib.contextmanager
@@ -184,18 +192,17 @@ def gradient_checkpointing(model_patcher, enabled: bool):
                 original = block.forward
 
                 def run(*args, __orig=original, **kwargs):
+                    if enabled:  # recomputation must read unmodified inputs: the block updates copies
+                        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+                        kwargs = {k: a.clone() if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
                     mode = _OutOfPlaceOnBlockInputs(list(args) + list(kwargs.values()))
-                    with mode:
-                        if enabled:  # checkpointing saves no activations (its inputs are copies, below)
-                            return __orig(*args, **kwargs)
-                        with torch.autograd.graph.saved_tensors_hooks(mode.pack, _unpack_saved):
-                            return __orig(*args, **kwargs)
+                    with mode, mode.saved_tensor_hooks():
+                        return __orig(*args, **kwargs)
 
                 def forward(*args, __orig=original, __run=run, **kwargs):
                     if not torch.is_grad_enabled():
                         return __orig(*args, **kwargs)
-                    if enabled:  # an in-place update of an input must not change what recomputation reads
-                        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+                    if enabled:
                         return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)
                     return __run(*args, **kwargs)
 

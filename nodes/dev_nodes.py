@@ -10,7 +10,8 @@ trained end to end on a CPU in seconds:
   the stock ModelSave, the families whose detection reads every size from the weights
   (:data:`DETECTABLE`) load back through the stock UNETLoader.
 * **Tiny Text Encoder**: a CLIP whose CONDITIONING is a seeded random ``[1, tokens, width]`` per prompt
-  (plus ``pooled_output`` and an all-ones ``attention_mask`` where a family reads them): the shapes the
+  (plus ``pooled_output``, an all-ones ``attention_mask`` and HiDream's ``conditioning_llama3`` where a family
+  reads them): the shapes the
   family's real text encoder would give, at a tiny width. It has no weights, so a LoRA's text part does nothing.
 * **Tiny VAE**: decodes a latent of any channel count (image ``[B, C, H, W]`` or video ``[B, C, T, H, W]``) to
   RGB ``[B, (T,) H, W, 3]`` by a fixed random channel mix and a sigmoid (no upsampling); encodes by area
@@ -79,6 +80,29 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "auraflow": ("AuraFlow", {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2,
                               "n_double_layers": 1, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": 2048,
                               "max_seq": 64}),
+    "chroma_radiance": ("ChromaRadiance", {"image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3,
+                                           "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
+                                           "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12],
+                                           "theta": 10000, "patch_size": 16, "qkv_bias": True, "in_dim": 64,
+                                           "out_dim": 64, "hidden_dim": 64, "n_layers": 1, "nerf_hidden_size": 16,
+                                           "nerf_mlp_ratio": 2, "nerf_depth": 1, "nerf_max_freqs": 4,
+                                           "nerf_tile_size": 0, "nerf_final_head_type": "conv",
+                                           "nerf_embedder_dtype": None}),
+    "omnigen2": ("Omnigen2", {"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axes_lens": [1024, 1664, 1664],
+                              "ffn_dim_multiplier": None, "hidden_size": 64, "in_channels": 16, "multiple_of": 16,
+                              "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 2, "num_layers": 1,
+                              "num_refiner_layers": 1, "out_channels": None, "patch_size": 2, "text_feat_dim": 32,
+                              "timestep_scale": 1000.0}),
+    # HiDream reads a T5 stream (context) and one Llama-3 hidden state per block (conditioning_llama3).
+    "hidream": ("HiDream", {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16,
+                            "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 32,
+                            "num_attention_heads": 2, "caption_channels": [32, 32], "text_emb_dim": 32,
+                            "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": (16, 8, 8),
+                            "max_resolution": (16, 16), "llama_layers": [0, 1]}),
+    # Refused by the Trainer (a 3D-shape model): here to test that refusal.
+    "hunyuan3d2": ("Hunyuan3Dv2", {"image_model": "hunyuan3d2", "in_channels": 64, "context_in_dim": 32,
+                                   "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+                                   "depth_single_blocks": 1, "qkv_bias": True, "guidance_embed": False}),
     # The families below are also what the stock UNETLoader detects from a saved file of these sizes
     # (model_detection reads every size from the weights; heads = hidden // 128).
     "hunyuan_video": ("HunyuanVideo", {**_HUNYUAN_BASE, "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
@@ -134,14 +158,16 @@ class TinyTextEncoder:
     """What CLIPTextEncode and the BranchGRPO Trainer need from a CLIP (``tokenize``,
     ``encode_from_tokens_scheduled``): each prompt maps to a seeded random ``[1, tokens, width]``."""
 
-    def __init__(self, width: int, tokens: int, pooled_width: int, attention_mask: bool, seed: int):
+    def __init__(self, width: int, tokens: int, pooled_width: int, attention_mask: bool, seed: int,
+                 llama3_layers: int = 0):
         self.width, self.tokens, self.pooled_width = int(width), int(tokens), int(pooled_width)
-        self.attention_mask, self.seed = bool(attention_mask), int(seed)
+        self.attention_mask, self.seed, self.llama3_layers = bool(attention_mask), int(seed), int(llama3_layers)
         self.cond_stage_model = torch.nn.Module()
         self.patcher = None
 
     def clone(self):
-        return TinyTextEncoder(self.width, self.tokens, self.pooled_width, self.attention_mask, self.seed)
+        return TinyTextEncoder(self.width, self.tokens, self.pooled_width, self.attention_mask, self.seed,
+                               self.llama3_layers)
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
         return {"tiny": [[(" ".join(str(text).split()), 1.0)]]}
@@ -159,6 +185,10 @@ class TinyTextEncoder:
             out = {"cond": cond, "pooled_output": pooled}
             if self.attention_mask:
                 out["attention_mask"] = torch.ones(len(texts), self.tokens, dtype=torch.long)
+            if self.llama3_layers > 0:  # HiDream: [B, layers, tokens, width]
+                out["conditioning_llama3"] = torch.cat([
+                    torch.randn(1, self.llama3_layers, self.tokens, self.width, generator=self._gen(t, "l"))
+                    for t in texts])
             return out
         return (cond, pooled) if return_pooled else cond
 
@@ -267,13 +297,15 @@ class TinyTextEncoderNode(io.ComfyNode):
                 io.Boolean.Input("attention_mask", default=False, tooltip="Add an all-ones attention_mask."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
                              tooltip="Seed of the prompt embeddings."),
+                io.Int.Input("llama3_layers", default=0, min=0, max=64, optional=True,
+                             tooltip="HiDream: add conditioning_llama3 [1, layers, tokens, width]; 0 = none."),
             ],
             outputs=[io.Clip.Output(display_name="clip", tooltip="The tiny text encoder.")],
         )
 
     @classmethod
-    def execute(cls, width, tokens, pooled_width, attention_mask, seed) -> io.NodeOutput:
-        return io.NodeOutput(TinyTextEncoder(width, tokens, pooled_width, attention_mask, seed))
+    def execute(cls, width, tokens, pooled_width, attention_mask, seed, llama3_layers=0) -> io.NodeOutput:
+        return io.NodeOutput(TinyTextEncoder(width, tokens, pooled_width, attention_mask, seed, llama3_layers))
 
 
 class TinyVAENode(io.ComfyNode):

@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tiny_models as tm
+from comfy_server import ComfyExecutionError
+from test_comfy_training import split_settings
 
 pytestmark = pytest.mark.comfy
 
@@ -41,8 +43,8 @@ class Family:
     name: str
     model_class: str  # comfy.model_base class the family loads as
     source: str  # "file:<diffusion_models file>" (stock UNETLoader) or "dev:<family>" (dev node)
-    text: tuple  # (width, tokens, pooled_width, attention_mask) of the tiny text encoder
-    vae: tuple  # ("tiny", channels) or ("stock", <vae file key>)
+    text: tuple  # (width, tokens, pooled_width, attention_mask[, llama3_layers]) of the tiny text encoder
+    vae: tuple  # ("tiny", channels), ("stock", <tiny_models file key>) or ("stock", <VAELoader name>)
     latent: dict = field(default_factory=dict)
 
 
@@ -82,6 +84,10 @@ FAMILIES = [
     Family("z_image", "Lumina2", "dev:z_image", (32, 8, 0, True), ("stock", "taesd_vae"), SD3_LATENT),
     Family("auraflow", "AuraFlow", "dev:auraflow", (2048, 8, 0, False), ("tiny", 4),
            _empty("EmptyLatentImage", width=64, height=64)),
+    Family("chroma_radiance", "ChromaRadiance", "dev:chroma_radiance", (32, 8, 0, False), ("stock", "pixel_space"),
+           _empty("EmptyChromaRadianceLatentImage", width=32, height=32)),
+    Family("omnigen2", "Omnigen2", "dev:omnigen2", (32, 8, 0, True), ("stock", "taesd_vae"), SD3_LATENT),
+    Family("hidream", "HiDream", "dev:hidream", (32, 8, 32, False, 2), ("stock", "taesd_vae"), SD3_LATENT),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -121,11 +127,13 @@ def family_nodes(models, fam: Family) -> dict:
         unet = {"class_type": "UNETLoader", "inputs": {"unet_name": what, "weight_dtype": "default"}}
     else:
         unet = {"class_type": "BranchGRPOTinyFamilyModel", "inputs": {"family": what, "seed": 0}}
-    width, tokens, pooled, mask = fam.text
+    width, tokens, pooled, mask, *llama = fam.text
     clip = {"class_type": "BranchGRPOTinyTextEncoder", "inputs": {
-        "width": width, "tokens": tokens, "pooled_width": pooled, "attention_mask": mask, "seed": 0}}
+        "width": width, "tokens": tokens, "pooled_width": pooled, "attention_mask": mask, "seed": 0,
+        "llama3_layers": llama[0] if llama else 0}}
     if fam.vae[0] == "stock":
-        vae = {"class_type": "VAELoader", "inputs": {"vae_name": models[fam.vae[1]].name}}
+        name = models[fam.vae[1]].name if fam.vae[1] in models else fam.vae[1]
+        vae = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
     else:
         vae = {"class_type": "BranchGRPOTinyVAE", "inputs": {"channels": fam.vae[1], "downscale": 8, "seed": 0}}
     return {"unet": unet, "clip": clip, "vae": vae, "latent": fam.latent}
@@ -150,7 +158,7 @@ def read_latent(comfy_base, tag):
     return load_file(str(files[-1]))["latent_tensor"]
 
 
-def training_graph(models, fam: Family, run_name: str, lora_file: str, extra=None) -> dict:
+def training_graph(models, fam: Family, run_name: str, lora_file: str, extra=None, checkpointing="off") -> dict:
     g = family_nodes(models, fam)
     g.update({
         "prompts": {"class_type": "BranchGRPOPrompts", "inputs": {
@@ -165,12 +173,12 @@ def training_graph(models, fam: Family, run_name: str, lora_file: str, extra=Non
             "reward": ["reward", 0], "latent": ["latent", 0], "iterations": 2, "prompts_per_iteration": 1,
             "learning_rate": 5e-2, "lora_rank": 2, "lora_alpha": 2.0, "lora_targets": "*", "seed": 3,
             "schedule": ["schedule", 0], "run_name": run_name, "resume": False, "max_train_batch": 8,
-            "gradient_checkpointing": "off"}},
+            "gradient_checkpointing": checkpointing}},
         "save": {"class_type": "BranchGRPOSaveLoRA", "inputs": {"lora": ["trainer", 1], "filename": lora_file,
                                                                "overwrite": True}},
     })
     g.update(extra or {})
-    return g
+    return split_settings(g)
 
 
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
@@ -210,3 +218,34 @@ def test_family_trains_and_stock_lora_loader_reproduces_it(comfy, comfy_base, fa
     assert trained.shape == base.shape
     assert float((trained - stock).abs().max()) < 1e-5
     assert float((trained - base).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["ltxv", "flux"])
+def test_in_place_block_updates_train_the_same_with_gradient_checkpointing(comfy, comfy_base, family_models, name):
+    """Blocks that update their inputs in place after saving them for backward (LTX-Video: ``x.addcmul_``;
+    FLUX: ``img += ...``) give the same LoRA with and without gradient checkpointing."""
+    fam = BY_NAME[name]
+    loras = {}
+    for mode in ("off", "on"):
+        run = f"matrix_{name}_gc_{mode}"
+        assert comfy.run(training_graph(family_models, fam, run, f"branchgrpo/{run}", checkpointing=mode),
+                         timeout=600)["status"]["status_str"] == "success"
+        loras[mode] = load_file(str(comfy_base / "models" / "loras" / "branchgrpo" / f"{run}.safetensors"))
+    assert set(loras["on"]) == set(loras["off"])
+    assert max(float((loras["on"][k] - loras["off"][k]).abs().max()) for k in loras["on"]) < 1e-5
+    assert any(float(v.abs().max()) > 0 for k, v in loras["on"].items() if k.endswith("lora_up.weight"))
+
+
+def test_3d_shape_family_is_refused_with_its_name_and_reason(comfy, comfy_base, family_models):
+    """Hunyuan3D 2 samples as a flow model, but its latent is a 3D shape that no reward scores: the Trainer
+    refuses it by name before any work, and writes nothing."""
+    fam = Family("hunyuan3d2", "Hunyuan3Dv2", "dev:hunyuan3d2", (32, 8, 0, False), ("tiny", 64),
+                 _empty("EmptyLatentHunyuan3Dv2", resolution=16))
+    with pytest.raises(ComfyExecutionError) as err:
+        comfy.run(training_graph(family_models, fam, "matrix_refused_3d", "branchgrpo/matrix_refused_3d"),
+                  timeout=300)
+    text = str(err.value)
+    assert "BranchGRPO Trainer: model" in text and "Hunyuan3Dv2 cannot be trained" in text, text[-1500:]
+    assert "3D shapes" in text and "Model families" in text, text[-1500:]
+    assert not (comfy_base / "models" / "loras" / "branchgrpo" / "matrix_refused_3d.safetensors").exists()
+    assert not (comfy_base / "output" / "branchgrpo" / "matrix_refused_3d").exists()
