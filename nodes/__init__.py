@@ -13,12 +13,13 @@ from .plot import MetricsPlotNode
 from .rewards import REWARD_NODES
 from . import routes  # noqa: F401  (registers GET /branchgrpo/runs/{run}, read by web/branchgrpo.js)
 from .sampler import TreeSamplerNode
-from .settings import BranchScheduleNode, PromptsNode, PruningNode, TreeAdvantageNode
+from .settings import BranchScheduleNode, PromptsNode, PruningNode, TrainerSettingsNode, TreeAdvantageNode
 from .tiny_model import TinyFlowModelLoaderNode
 from .trainer import TrainerNode
 
 NODES: list[type[io.ComfyNode]] = [
-    BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, SaveLoRANode,
+    BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, TrainerSettingsNode,
+    SaveLoRANode,
     MetricsPlotNode, *REWARD_NODES,
     ExportRunConfigNode, DemoModelLoaderNode,
 ]

@@ -26,6 +26,7 @@ from branchgrpo.rewards.registry import MODEL_REWARDS
 from branchgrpo.rewards.weight_free import WEIGHT_FREE_REWARDS
 from branchgrpo.schedule import BranchSchedule
 
+from . import inputs
 from . import types as T
 
 NODE = "BranchGRPO Export Run Config"
@@ -142,6 +143,9 @@ class ExportRunConfigNode(io.ComfyNode):
                                  "splits 0,3,6,9, K=2)."),
                 T.Advantage.Input("advantage", optional=True, tooltip="Advantage settings (default: tree, mean)."),
                 T.Pruning.Input("pruning", optional=True, tooltip="Pruning settings (default: none)."),
+                inputs.settings_input("Expert settings from a Trainer Settings node: PPO clip, KL, optimizer steps, "
+                                      "batching, CFG and FLUX guidance, as the Trainer uses them (gradient "
+                                      "checkpointing 'auto' = on). Unconnected: every default."),
                 io.Combo.Input("transformer_file", options=[FROM_FOLDER] + _files("diffusion_models"),
                                default=FROM_FOLDER, optional=True,
                                tooltip="Optional single-file transformer from models/diffusion_models (original / "
@@ -157,42 +161,18 @@ class ExportRunConfigNode(io.ComfyNode):
                              tooltip="Training resolution: height in pixels."),
                 io.Int.Input("frames", default=33, min=1, max=1025, step=4, optional=True,
                              tooltip="Wan only: video frames (4k+1). Ignored for image models."),
-                io.Int.Input("iterations", default=100, min=1, max=1000000, optional=True,
-                             tooltip="Training iterations (one rollout + one update each)."),
-                io.Int.Input("prompts_per_iteration", default=8, min=1, max=4096, optional=True,
-                             tooltip="Trees per iteration (global batch). With torchrun they are dealt to the "
-                                     "GPUs: use a multiple of the number of processes."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6, round=1e-8, optional=True,
-                               tooltip="AdamW learning rate of the LoRA."),
-                io.Int.Input("lora_rank", default=16, min=1, max=512, optional=True, tooltip="LoRA rank."),
-                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.01, optional=True,
-                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
+                *(o.input(optional=True) for o in inputs.TRAINER_INPUTS if o is not inputs.PROMPTS_PER_ITERATION),
+                inputs.PROMPTS_PER_ITERATION.input(
+                    optional=True, default=8, tooltip="Trees per iteration (global batch). With torchrun they are "
+                    "dealt to the GPUs: use a multiple of the number of processes."),
                 io.String.Input("lora_targets", default=",".join(DEFAULT_LORA_TARGETS), optional=True,
                                 tooltip="Comma-separated globs of the Linear layers to adapt, by DIFFUSERS module name "
                                         "(e.g. '*.to_q,*.to_k,*.to_v,*.to_out.0'); the exported LoRA uses ComfyUI's "
-                                        "names."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False, optional=True,
-                             tooltip="Seed of every random draw of the run."),
-                io.Float.Input("clip_range", default=1e-3, min=1e-6, max=0.5, step=1e-5, round=1e-6, optional=True,
-                               tooltip="PPO ratio clip (BranchGRPO 1e-3, DanceGRPO 1e-4)."),
-                io.Float.Input("kl_beta", default=0.0, min=0.0, max=10.0, step=0.001, optional=True,
-                               tooltip="Weight of the KL to the base model (> 0 costs one extra forward per parent)."),
-                io.Float.Input("max_grad_norm", default=1.0, min=1e-4, max=1000.0, step=0.01, optional=True,
-                               tooltip="Gradient-norm clip."),
-                io.Int.Input("max_batch", default=16, min=1, max=1024, optional=True,
-                             tooltip="Most latents per model call in the rollout and decoding (bounds memory)."),
-                io.Int.Input("max_train_batch", default=4, min=1, max=1024, optional=True,
-                             tooltip="Most parent latents per forward with gradients (bounds activation memory)."),
-                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
-                               tooltip="FLUX-dev distilled guidance; ignored by models without it."),
-                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, optional=True,
-                               tooltip="True CFG scale (1 = off; > 1 doubles every model call)."),
-                io.String.Input("negative_prompt", default="", optional=True, tooltip="Negative prompt for true CFG."),
+                                        "names. (The Trainer Settings' lora_targets use ComfyUI's names and are not "
+                                        "used here.)"),
                 io.Combo.Input("dtype", options=["auto", "bfloat16", "float16", "float32"], default="auto",
                                optional=True, tooltip="Model weights/compute dtype of the headless run (auto: "
                                                       "bfloat16 on GPUs, float32 on CPU)."),
-                io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
-                                 tooltip="Recompute activations in the backward pass (much less memory, ~30% slower)."),
                 io.Boolean.Input("fsdp", default=False, optional=True,
                                  tooltip="Shard the transformer over the GPUs (FSDP) for models that do not fit one "
                                          "GPU; needs torchrun with >= 2 processes."),
@@ -206,7 +186,7 @@ class ExportRunConfigNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name=None, **kwargs):
+    def validate_inputs(cls, name=None):
         if isinstance(name, str) and not RUN_NAME.match(name):
             return (f"{NODE}: name — {name!r} is not a plain file name; use letters, digits, '_', '.' or '-' "
                     "(no slashes), e.g. 'flux_hps_run1'.")
@@ -215,10 +195,12 @@ class ExportRunConfigNode(io.ComfyNode):
     @classmethod
     def execute(cls, name, diffusers_model, prompts, reward, schedule=None, advantage=None, pruning=None,
                 transformer_file=FROM_FOLDER, vae_file=FROM_FOLDER, family="auto", width=512, height=512, frames=33,
-                iterations=100, prompts_per_iteration=8, learning_rate=1e-4, lora_rank=16, lora_alpha=16.0,
-                lora_targets=",".join(DEFAULT_LORA_TARGETS), seed=0, clip_range=1e-3, kl_beta=0.0,
-                max_grad_norm=1.0, max_batch=16, max_train_batch=4, guidance=3.5, cfg=1.0, negative_prompt="",
-                dtype="auto", gradient_checkpointing=True, fsdp=False, nproc_per_node=8) -> io.NodeOutput:
+                iterations=inputs.ITERATIONS.default, prompts_per_iteration=8,
+                learning_rate=inputs.LEARNING_RATE.default, lora_rank=inputs.LORA_RANK.default,
+                lora_alpha=inputs.LORA_ALPHA.default, seed=inputs.SEED.default,
+                lora_targets=",".join(DEFAULT_LORA_TARGETS), settings=None, dtype="auto", fsdp=False,
+                nproc_per_node=8) -> io.NodeOutput:
+        s = inputs.TrainerSettings.of(settings)
         if not RUN_NAME.match(name or ""):
             raise ValueError(cls.validate_inputs(name=name))
         folders = diffusers_folders()
@@ -234,8 +216,8 @@ class ExportRunConfigNode(io.ComfyNode):
         entries = reward_entries(reward)
         aggregation = getattr(reward, "aggregation", "reward_sum")
         model = {"family": family, "path": model_path, "width": int(width), "height": int(height),
-                 "frames": int(frames), "guidance": float(guidance), "cfg_scale": float(cfg),
-                 "negative_prompt": negative_prompt, "gradient_checkpointing": bool(gradient_checkpointing),
+                 "frames": int(frames), "guidance": float(s.flux_guidance), "cfg_scale": float(s.cfg),
+                 "negative_prompt": s.negative_prompt, "gradient_checkpointing": s.gradient_checkpointing != "off",
                  "fsdp": bool(fsdp)}
         if transformer_file and transformer_file != FROM_FOLDER:
             model["transformer_file"] = folder_paths.get_full_path_or_raise("diffusion_models", transformer_file)
@@ -254,13 +236,13 @@ class ExportRunConfigNode(io.ComfyNode):
             "prompts": {"train": list(prompts["train"])},
             "rewards": entries,
             "training": {"iterations": int(iterations), "prompts_per_iteration": int(prompts_per_iteration),
-                         "seed": int(seed), "max_batch": int(max_batch), "checkpoint_every": 1},
+                         "seed": int(seed), "max_batch": int(s.max_batch), "checkpoint_every": 1},
             "schedule": dataclasses.asdict(schedule or BranchSchedule()),
             "advantage": adv,
             "pruning": dataclasses.asdict(pruning or PruningConfig()),
-            "optim": {"learning_rate": float(learning_rate), "clip_range": float(clip_range),
-                      "kl_beta": float(kl_beta), "max_grad_norm": float(max_grad_norm),
-                      "max_train_batch": int(max_train_batch)},
+            "optim": {"learning_rate": float(learning_rate), "clip_range": float(s.clip_range),
+                      "kl_beta": float(s.kl_beta), "max_grad_norm": float(s.max_grad_norm),
+                      "edges_per_step": int(s.edges_per_step), "max_train_batch": int(s.max_train_batch)},
         }
         try:
             cfg_obj = parse_config(data, base_dir=out_dir, check_files=True)

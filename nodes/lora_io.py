@@ -31,6 +31,18 @@ def resolve_lora_path(filename: str) -> str:
     return path
 
 
+def kept_in_checkpoint(lora) -> str:
+    """Where a Trainer's LoRA survives a failed save, and how to get it written without training again."""
+    run = (getattr(lora, "metadata", None) or {}).get("branchgrpo.run_name")
+    if not run:
+        return ""
+    ckpt = os.path.join(folder_paths.get_output_directory(), "branchgrpo", run, "checkpoint.pt")
+    its = (getattr(lora, "metadata", None) or {}).get("branchgrpo.iterations", "?")
+    return (f" The trained LoRA ({its} iterations) is kept in the checkpoint {ckpt}: fix the file name and queue "
+            "again with the Trainer's resume on and the same settings; it loads the checkpoint and Save LoRA writes "
+            "the file at once, without training.")
+
+
 class SaveLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -51,8 +63,9 @@ class SaveLoRANode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename=None, **kwargs):
-        """Checked when the prompt is queued, before any node runs."""
+    def validate_inputs(cls, filename=None):
+        """Checked when the prompt is queued, before any node runs. Only ``filename`` is taken, so ComfyUI
+        reports the error once, on that input (it attaches a failure to every input the check receives)."""
         if isinstance(filename, str):
             try:
                 resolve_lora_path(filename)
@@ -62,7 +75,10 @@ class SaveLoRANode(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, filename, overwrite) -> io.NodeOutput:
-        path = resolve_lora_path(filename)
+        try:
+            path = resolve_lora_path(filename)
+        except ValueError as e:  # a linked file name: only seen now, after the Trainer ran
+            raise ValueError(f"{e}{kept_in_checkpoint(lora)}") from None
         if not isinstance(lora, dict) or not lora:
             raise ValueError(f"{NODE}: lora — empty or not a LORA_MODEL; connect the Trainer's 'lora' output.")
         if not overwrite and os.path.exists(path):
@@ -73,7 +89,10 @@ class SaveLoRANode(io.ComfyNode):
             path = f"{stem}_{n:05d}.safetensors"
         metadata = dict(getattr(lora, "metadata", {}) or {})
         metadata.setdefault("branchgrpo.format", "comfyui-lora")
-        save_state_dict(path, lora, metadata)
+        try:
+            save_state_dict(path, lora, metadata)
+        except OSError as e:
+            raise OSError(f"{NODE}: filename — could not write {path}: {e}.{kept_in_checkpoint(lora)}") from None
         base = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
         name = os.path.relpath(path, base).replace(os.sep, "/")
         return io.NodeOutput(name, ui={"text": [f"saved {name}"], "lora_name": [name]})

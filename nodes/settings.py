@@ -12,6 +12,7 @@ from branchgrpo.pruning import PruningConfig
 from branchgrpo.schedule import BranchSchedule, parse_steps
 
 from . import types as T
+from .inputs import EXPERT_OPTIONS, TrainerSettings
 
 
 def _node_error(node: str, exc: Exception) -> ValueError:
@@ -56,14 +57,15 @@ class BranchScheduleNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kwargs):
-        """Checked when the prompt is queued (widget values only; linked inputs are checked at run time)."""
+        """Checked when the prompt is queued (widget values only; linked inputs are checked at run time).
+
+        A bad combination is raised, not returned: ComfyUI 0.3.75 attaches a returned message to every input
+        the check receives (the same error ten times), while an exception is reported once for the node.
+        The message names the field."""
         needed = ("steps", "split_steps", "branching", "split_noise_scale", "sde", "eta", "shift", "group_size",
                   "sde_window_size", "sde_window_start")
         if all(kwargs.get(k) is not None for k in needed):
-            try:
-                cls.build(**{k: kwargs[k] for k in needed})
-            except ValueError as e:
-                return str(e)
+            cls.build(**{k: kwargs[k] for k in needed})
         return True
 
     @classmethod
@@ -171,6 +173,26 @@ class PruningNode(io.ComfyNode):
                             timestep_fraction=timestep_fraction)
         cfg.validate(200, "Pruning")
         return io.NodeOutput(cfg)
+
+
+class TrainerSettingsNode(io.ComfyNode):
+    """The Trainer's expert settings; every input comes from ``nodes.inputs.EXPERT_OPTIONS``."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BranchGRPOTrainerSettings", display_name="Trainer Settings (BranchGRPO)", category=T.CATEGORY,
+            description="Expert settings of the Trainer: which layers the LoRA adapts, the PPO clip and KL, "
+                        "optimizer steps, batching and memory, true CFG and FLUX's distilled guidance. Connect to "
+                        "the Trainer's 'settings' input (or Export Run Config's); without it the Trainer uses "
+                        "these defaults.",
+            inputs=[o.input(optional=True) for o in EXPERT_OPTIONS],
+            outputs=[T.TrainerSettings.Output(display_name="settings", tooltip="Trainer settings.")],
+        )
+
+    @classmethod
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        return io.NodeOutput(TrainerSettings.of(kwargs))
 
 
 class PromptsNode(io.ComfyNode):

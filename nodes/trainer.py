@@ -22,6 +22,7 @@ from branchgrpo.rewards.base import Reward
 from branchgrpo.schedule import BranchSchedule
 from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
 
+from . import inputs
 from . import types as T
 from .comfy_model import ComfyFlowModel, attach_lora, model_family, require_flow_model
 from .comfy_model import gradient_checkpointing as checkpointing_blocks
@@ -125,7 +126,7 @@ class TrainerNode(io.ComfyNode):
                         "per-edge advantages, prunes, and takes a PPO-clip step on the kept edges. The input "
                         "MODEL is untouched; the output MODEL carries the trained LoRA. A checkpoint is written "
                         "after every iteration to output/branchgrpo/<run_name>/ and 'resume' continues it.",
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             inputs=[
                 io.Model.Input("model", tooltip="A flow-matching diffusion model (FLUX, SD3/3.5, Wan, ...). "
                                "Its weights stay frozen; LoRAs applied upstream keep acting."),
@@ -135,53 +136,14 @@ class TrainerNode(io.ComfyNode):
                 T.RewardModel.Input("reward", tooltip="The reward model (a reward loader or Reward Mix)."),
                 io.Latent.Input("latent", tooltip="An empty latent of the training resolution (and frames, for "
                                 "video). Only its shape is used: memory grows with its size."),
-                io.Int.Input("iterations", default=100, min=1, max=100000, tooltip="Training iterations "
-                             "(one tree per prompt per iteration, then one update)."),
-                io.Int.Input("prompts_per_iteration", default=1, min=1, max=64, tooltip="Trees per iteration. "
-                             "Time and the stored tree grow linearly."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6, round=1e-8,
-                               tooltip="AdamW learning rate of the LoRA (1e-4 to 3e-4 is usual for LoRA)."),
-                io.Int.Input("lora_rank", default=16, min=1, max=512, tooltip="LoRA rank. Memory of the adapter "
-                             "and its optimizer state grows linearly."),
-                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.01,
-                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
-                io.String.Input("lora_targets", default="*", tooltip="Comma-separated globs of the Linear layers "
-                                "to adapt, by module name in the diffusion model (e.g. '*attn*' or '*'). "),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
-                             tooltip="Seed of every random draw of the run (rollout noise, prompt order)."),
+                *(o.input() for o in inputs.TRAINER_INPUTS),
                 T.Schedule.Input("schedule", optional=True, tooltip="Branch schedule (default: the paper's "
                                  "20 steps, splits 0,3,6,9, K=2)."),
                 T.Advantage.Input("advantage", optional=True, tooltip="Advantage settings (default: tree, mean)."),
                 T.Pruning.Input("pruning", optional=True, tooltip="Pruning settings (default: none)."),
-                io.Float.Input("clip_range", default=1e-3, min=1e-6, max=0.5, step=1e-5, round=1e-6,
-                               optional=True, tooltip="PPO ratio clip (BranchGRPO 1e-3, DanceGRPO 1e-4)."),
-                io.Float.Input("kl_beta", default=0.0, min=0.0, max=10.0, step=0.001, optional=True,
-                               tooltip="Weight of the KL to the base model. > 0 costs one extra forward per "
-                                       "trained parent."),
-                io.Int.Input("edges_per_step", default=0, min=0, max=100000, optional=True,
-                             tooltip="0: one optimizer step per iteration. N: a step every N edges (official: 12)."),
-                io.Float.Input("max_grad_norm", default=1.0, min=1e-4, max=1000.0, step=0.01, optional=True,
-                               tooltip="Gradient-norm clip."),
-                io.Int.Input("max_batch", default=16, min=1, max=1024, optional=True, tooltip="Most latents per "
-                             "model call in the rollout and decoding. Lower it if you run out of memory."),
-                io.Int.Input("max_train_batch", default=4, min=1, max=1024, optional=True, tooltip="Most parent "
-                             "latents per forward with gradients. Activation memory grows linearly."),
-                io.Combo.Input("gradient_checkpointing", options=["auto", "on", "off"], default="auto",
-                               optional=True, tooltip="Recompute activations in the backward pass: far less "
-                               "memory, ~30% more time. 'auto' = on for models over 1 GB."),
-                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, optional=True,
-                               tooltip="True CFG scale (1 = off; each model call then costs two evaluations)."),
-                io.String.Input("negative_prompt", default="", optional=True, tooltip="Negative prompt for true CFG."),
-                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
-                               tooltip="FLUX distilled guidance (3.5 in the research code); ignored by models "
-                                       "without a guidance input."),
-                io.String.Input("run_name", default="branchgrpo_run", optional=True, tooltip="Folder of the "
-                                "checkpoint: output/branchgrpo/<run_name>/ (letters, digits, _ . -)."),
-                io.Boolean.Input("resume", default=True, optional=True, tooltip="Continue from the run's "
-                                 "checkpoint if one exists (same settings); otherwise start fresh."),
-                io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
-                               tooltip="Refuse to start if the estimated memory of the run exceeds this "
-                                       "(0 = the free memory of the device)."),
+                inputs.settings_input(),
+                inputs.RUN_NAME.input(optional=True),
+                inputs.RESUME.input(optional=True),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input MODEL with the trained LoRA applied."),
@@ -192,20 +154,27 @@ class TrainerNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, run_name=None):
+        """Checked when the prompt is queued; the error is shown once, on run_name."""
+        if isinstance(run_name, str) and not RUN_NAME.match(run_name):
+            return run_name_error(run_name)
+        return True
+
+    @classmethod
     def execute(cls, model, clip, vae, prompts, reward, latent, iterations, prompts_per_iteration, learning_rate,
-                lora_rank, lora_alpha, lora_targets, seed, schedule=None, advantage=None, pruning=None,
-                clip_range=1e-3, kl_beta=0.0, edges_per_step=0, max_grad_norm=1.0, max_batch=16, max_train_batch=4,
-                gradient_checkpointing="auto", cfg=1.0, negative_prompt="", guidance=3.5, run_name="branchgrpo_run",
-                resume=True, memory_budget_gb=0.0) -> io.NodeOutput:
+                lora_rank, lora_alpha, seed, schedule=None, advantage=None, pruning=None, settings=None,
+                run_name=inputs.RUN_NAME.default, resume=inputs.RESUME.default) -> io.NodeOutput:
+        s = inputs.TrainerSettings.of(settings)
         # ---------------------------------------------------------- validation (before any compute)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        check_lora_savers(cls.hidden.prompt if cls.hidden is not None else None, node_id)
         require_flow_model(model, NODE)
         if not isinstance(prompts, dict) or not prompts.get("train"):
             raise ValueError(f"{NODE}: prompts — the prompt list is empty; connect a Prompts node with at least "
                              "one training prompt.")
         rewards, weights, aggregation = unpack_reward(reward)
         if not RUN_NAME.match(run_name or ""):
-            raise ValueError(f"{NODE}: run_name — {run_name!r} is not a plain folder name; use letters, digits, "
-                             "'_', '.' or '-' (no slashes), e.g. 'flux_hps_run1'.")
+            raise ValueError(run_name_error(run_name))
         samples = latent["samples"]
         latent_shape = tuple(samples.shape[1:])
         channels = model.model.latent_format.latent_channels
@@ -213,13 +182,13 @@ class TrainerNode(io.ComfyNode):
             raise ValueError(f"{NODE}: latent — it has {latent_shape[0]} channels but this {model_family(model)} "
                              f"model needs {channels}; use the empty-latent node that matches the model.")
         schedule = schedule or BranchSchedule()
-        targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) or ("*",)
+        targets = tuple(t.strip() for t in s.lora_targets.split(",") if t.strip()) or ("*",)
         config = TrainerConfig(
             schedule=schedule, advantage=advantage or AdvantageConfig(), pruning=pruning or PruningConfig(),
-            optim=OptimConfig(learning_rate=learning_rate, clip_range=clip_range, kl_beta=kl_beta,
-                              edges_per_step=edges_per_step, max_grad_norm=max_grad_norm,
-                              max_train_batch=max_train_batch),
-            iterations=iterations, prompts_per_iteration=prompts_per_iteration, seed=seed, max_batch=max_batch,
+            optim=OptimConfig(learning_rate=learning_rate, clip_range=s.clip_range, kl_beta=s.kl_beta,
+                              edges_per_step=s.edges_per_step, max_grad_norm=s.max_grad_norm,
+                              max_train_batch=s.max_train_batch),
+            iterations=iterations, prompts_per_iteration=prompts_per_iteration, seed=seed, max_batch=s.max_batch,
             reward_weights=tuple(weights), checkpoint_every=1)
         config.advantage.aggregation = aggregation
         try:
@@ -232,31 +201,33 @@ class TrainerNode(io.ComfyNode):
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from None
         big = model.model_size() > 2 ** 30
-        use_gc = gradient_checkpointing == "on" or (gradient_checkpointing == "auto" and big)
+        use_gc = s.gradient_checkpointing == "on" or (s.gradient_checkpointing == "auto" and big)
         n_lora = count_lora_params(model, lora_cfg)
-        mem = estimate_memory(model, latent_shape, schedule, prompts_per_iteration, max_batch, max_train_batch,
+        mem = estimate_memory(model, latent_shape, schedule, prompts_per_iteration, s.max_batch, s.max_train_batch,
                               n_lora, use_gc)
         device = model.load_device
-        budget = memory_budget_gb * 2 ** 30 if memory_budget_gb > 0 else comfy.model_management.get_total_memory(device)
+        budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
+                  else comfy.model_management.get_total_memory(device))
         if mem["total"] > budget:
             raise ValueError(
                 f"{NODE}: schedule — the tree is too large for the batch budget: storing "
                 f"{prompts_per_iteration} tree(s) of {schedule.num_leaves()} leaves needs {_gb(mem['tree'])} and the "
                 f"update ~{_gb(mem['activations'])}, over the {_gb(budget)} available. Use fewer split steps or a "
                 "smaller branching factor, fewer prompts_per_iteration, a smaller latent, or lower max_batch / "
-                "max_train_batch.")
+                "max_train_batch (Trainer Settings).")
         ckpt = os.path.join(checkpoint_dir(run_name), "checkpoint.pt")
         info = (f"estimated memory: {_gb(mem['total'])} (weights {_gb(mem['weights'])}, tree {_gb(mem['tree'])}, "
                 f"activations {_gb(mem['activations'])}, adapter+optimizer {_gb(mem['adapter_and_optimizer'])}); "
                 f"gradient checkpointing {'on' if use_gc else 'off'}")
         log.info("BranchGRPO %s: %s", run_name, info)
 
+        state = read_resumable_checkpoint(ckpt, config, iterations) if resume and os.path.exists(ckpt) else None
+
         # ---------------------------------------------------------- training
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
         with torch.inference_mode(False), torch.enable_grad():
             mp, lora = attach_lora(model, lora_cfg, seed=seed, device=device)
-            flow = ComfyFlowModel(mp, latent_shape, clip=clip, negative=negative_prompt, cfg=cfg,
-                                  guidance=guidance, seed=seed)
+            flow = ComfyFlowModel(mp, latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
+                                  guidance=s.flux_guidance, seed=seed)
             flow.add_prompts(prompts["train"])
 
             def decode(x0):
@@ -265,16 +236,17 @@ class TrainerNode(io.ComfyNode):
             trainer = BranchGRPOTrainer(flow, lora, prompts["train"], rewards, decode, config, latent_shape,
                                         device=device, callbacks=[])
             resumed_from = 0
-            if resume and os.path.exists(ckpt):
-                saved = BranchGRPOTrainer.read_checkpoint_config(ckpt)
-                if saved.to_dict() | {"iterations": 0} != config.to_dict() | {"iterations": 0}:
-                    raise ValueError(f"{NODE}: resume — the checkpoint in {os.path.dirname(ckpt)} was made with "
-                                     "different settings; restore them, set resume off, or pick a new run_name.")
-                trainer.load_checkpoint(ckpt)
+            if state is not None:
+                try:
+                    trainer.load_state_dict(state)
+                except RuntimeError as e:  # adapter tensors of another shape: other rank or layers
+                    raise ValueError(f"{NODE}: resume — the checkpoint in {os.path.dirname(ckpt)} holds a LoRA of "
+                                     "another rank or other layers (lora_rank / lora_targets differ); restore them, "
+                                     f"set resume off, or pick a new run_name. ({str(e).splitlines()[0]})") from None
                 resumed_from = trainer.iteration
             progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations)
             trainer.callbacks.append(progress)
-            with flow.session(max_batch), checkpointing_blocks(mp, use_gc):
+            with flow.session(s.max_batch), checkpointing_blocks(mp, use_gc):
                 trainer.train(checkpoint_path=ckpt)
             for p in lora.parameters():
                 p.requires_grad_(False)
@@ -295,6 +267,82 @@ class TrainerNode(io.ComfyNode):
         return io.NodeOutput(out_model, lora_sd, metrics, ui={"text": [text]})
 
 
+def run_name_error(run_name) -> str:
+    return (f"{NODE}: run_name — {run_name!r} is not a plain folder name; use letters, digits, '_', '.' or '-' "
+            "(no slashes), e.g. 'flux_hps_run1'.")
+
+
+SAVE_LORA = "BranchGRPOSaveLoRA"
+
+
+def check_lora_savers(prompt, node_id) -> None:
+    """Refuse to train when a Save LoRA fed by this Trainer has a file name it would refuse after the run.
+
+    ComfyUI still runs the outputs that validated (the Metrics Plot, images), and they pull the Trainer;
+    without this check a run of hours would end with no LoRA saved."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return
+    from .lora_io import resolve_lora_path
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or node.get("class_type") != SAVE_LORA:
+            continue
+        ins = node.get("inputs") or {}
+        source, filename = ins.get("lora"), ins.get("filename")
+        if not (isinstance(source, list) and len(source) == 2 and str(source[0]) == str(node_id)):
+            continue
+        if isinstance(filename, str):
+            try:
+                resolve_lora_path(filename)
+            except ValueError as e:
+                raise ValueError(f"{NODE}: not started, because Save LoRA (node {nid}) would refuse its file name "
+                                 f"after training: {e} Fix the name and queue again.") from None
+
+
+SECTION_NODES = {"schedule": "Branch Schedule", "advantage": "Tree Advantage", "pruning": "Pruning",
+                 "optim": "Trainer / Trainer Settings", "objective": "Trainer Settings"}
+
+
+def config_differences(saved: dict, current: dict, ignore=(), prefix: str = "") -> list[tuple[str, object, object]]:
+    """``[(dotted.name, saved value, current value)]`` of every setting that differs (nested dicts walked)."""
+    missing = object()
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = prefix + key
+        if name in ignore:
+            continue
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, ignore, name + ".")
+        elif a != b:
+            out.append((name, "(absent)" if a is missing else a, "(absent)" if b is missing else b))
+    return out
+
+
+def read_resumable_checkpoint(ckpt: str, config: TrainerConfig, iterations: int) -> dict:
+    """The checkpoint's state if this run can continue it; otherwise an error naming every difference."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    where = os.path.dirname(ckpt)
+    try:
+        saved = json.loads(state["config"])
+        done = int(state["iteration"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{NODE}: resume — {ckpt} is not a BranchGRPO checkpoint; set resume off or pick a new "
+                         "run_name.") from None
+    current = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as in the file
+    ignore = {"iterations", *getattr(TrainerConfig, "MONITORING_FIELDS", ())}
+    diffs = config_differences(saved, current, ignore)
+    if diffs:
+        lines = "; ".join(f"{name} ({SECTION_NODES.get(name.split('.')[0], 'Trainer')}): checkpoint {a!r}, "
+                          f"now {b!r}" for name, a, b in diffs)
+        raise ValueError(f"{NODE}: resume — the checkpoint in {where} was made with different settings: {lines}. "
+                         "Restore them, set resume off to start over, or pick a new run_name.")
+    if done > iterations:
+        raise ValueError(f"{NODE}: iterations — the checkpoint in {where} has already completed {done} iterations, "
+                         f"more than iterations = {iterations}. Set iterations to {done} to get its LoRA without "
+                         f"training, or higher to continue; set resume off or pick a new run_name to start over.")
+    return state
+
+
 def unpack_reward(reward) -> tuple[list, list[float], str]:
     """A REWARD_MODEL is one scorer, or a mix exposing ``rewards``, ``weights`` and ``aggregation``."""
     if hasattr(reward, "rewards") and hasattr(reward, "weights"):
@@ -313,4 +361,4 @@ def count_lora_params(model_patcher, lora_cfg: LoRAConfig) -> int:
     return sum(lora_cfg.rank * (m.in_features + m.out_features) for _, m in layers)
 
 
-__all__ = ["TrainerNode", "LoraStateDict", "checkpoint_dir", "unpack_reward", "Reward"]
+__all__ = ["TrainerNode", "LoraStateDict", "checkpoint_dir", "unpack_reward", "config_differences", "Reward"]

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 Schedule = io.Custom("BRANCHGRPO_SCHEDULE")
 Advantage = io.Custom("BRANCHGRPO_ADVANTAGE")
 Pruning = io.Custom("BRANCHGRPO_PRUNING")
+TrainerSettings = io.Custom("BRANCHGRPO_TRAINER_SETTINGS")
 Prompts = io.Custom("BRANCHGRPO_PROMPTS")
 RewardModel = io.Custom("REWARD_MODEL")
 Tree = io.Custom("BRANCHGRPO_TREE")

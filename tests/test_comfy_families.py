@@ -18,6 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 import tiny_models as tm
+from test_comfy_training import split_settings
 
 pytestmark = pytest.mark.comfy
 
@@ -88,7 +89,7 @@ def training_graph(models, family, run_name, lora_file, *, iterations=2, steps=4
                                                                "overwrite": True}},
     })
     g.update(extra or {})
-    return g
+    return split_settings(g)
 
 
 def predict_nodes(tag, model_ref):

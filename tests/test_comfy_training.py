@@ -15,8 +15,26 @@ from comfy_server import ComfyExecutionError, ComfyQueueError
 pytestmark = pytest.mark.comfy
 
 PACK_NODES = {"BranchGRPOBranchSchedule", "BranchGRPOTreeAdvantage", "BranchGRPOPruning", "BranchGRPOPrompts",
-              "BranchGRPOTreeSampler", "BranchGRPOTrainer", "BranchGRPOSaveLoRA", "BranchGRPOMetricsPlot",
-              "BranchGRPOWeightFreeReward"}
+              "BranchGRPOTreeSampler", "BranchGRPOTrainer", "BranchGRPOTrainerSettings", "BranchGRPOSaveLoRA",
+              "BranchGRPOMetricsPlot", "BranchGRPOWeightFreeReward"}
+# The Trainer Settings node's inputs (nodes/inputs.py EXPERT_OPTIONS; checked against /object_info below).
+EXPERT_INPUTS = ("lora_targets", "clip_range", "kl_beta", "edges_per_step", "max_grad_norm", "max_batch",
+                 "max_train_batch", "gradient_checkpointing", "memory_budget_gb", "cfg", "negative_prompt",
+                 "flux_guidance")
+
+
+def split_settings(graph: dict) -> dict:
+    """Move expert inputs written on a Trainer node into a Trainer Settings node ``<id>_settings`` linked to
+    its ``settings`` input (the graph is changed in place and returned). Settings not given keep their
+    defaults on the server."""
+    for nid, node in list(graph.items()):
+        if node.get("class_type") != "BranchGRPOTrainer":
+            continue
+        expert = {k: node["inputs"].pop(k) for k in list(node["inputs"]) if k in EXPERT_INPUTS}
+        if expert:
+            graph[f"{nid}_settings"] = {"class_type": "BranchGRPOTrainerSettings", "inputs": expert}
+            node["inputs"]["settings"] = [f"{nid}_settings", 0]
+    return graph
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +90,7 @@ def training_graph(models, run_name, *, iterations=2, split_steps="0,2", branchi
                                                                      "zsnr": False}}
         g["trainer"]["inputs"]["model"] = ["eps", 0]
     g.update(extra or {})
-    return g
+    return split_settings(g)
 
 
 def predict_nodes(tag, model_ref):
