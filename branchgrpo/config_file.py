@@ -304,6 +304,9 @@ SECTION_DOCS = {
     "advantage": "From leaf rewards to per-edge advantages.",
     "pruning": "Which edges enter the backward pass.",
     "optim": "The PPO-clip update and its optimizer.",
+    "objective": "What the rollout trains: 'ppo' (the PPO-clip update on the tree's SDE edges, [optim]) or a "
+                 "forward-process objective on its clean samples (diffusionnft, awm, dgpo); the sampler is "
+                 "[schedule], chosen independently.",
 }
 for _name in ENGINE_SECTIONS:  # a new engine section is documented by its TrainerConfig field's docstring
     SECTION_DOCS.setdefault(_name, _attribute_docs(TrainerConfig).get(_name, f"The engine's {_name} settings."))

@@ -83,3 +83,23 @@ def test_written_config_reads_back_the_same():
     text = dump_toml(cfg.to_dict(), docs=False)
     assert "split_steps = [0, 3, 6, 9]" in text  # short lists stay on one line
     assert "[rewards.args]" in text and "[model.text_encoder_files]" in text
+
+
+def _readme_headless_section() -> str:
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Headless training and `torchrun`")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_readme_config_table_and_example_match_the_code():
+    import re
+    section = _readme_headless_section()
+    rows = re.findall(r"^\| `\[{1,2}([a-z_]+)\]{1,2}` \| .*? \| (.*) \|$", section, flags=re.M)
+    template = tomllib.loads(default_template("branchgrpo"))
+    documented = {name: re.findall(r"`([a-z_0-9]+)`", fields) for name, fields in rows}
+    expected = {k: list((v[0] if isinstance(v, list) else v)) for k, v in template.items() if k != "preset"}
+    assert documented == expected, "README's config table is stale: regenerate it from --print-default-config"
+    example = re.search(r"```toml\n(.*?)```", section, flags=re.S).group(1)
+    cfg = parse_config(tomllib.loads(example), check_files=False)
+    assert cfg.preset == "branchgrpo-deppru" and cfg.rewards[0].name == "hps_v2.1" and len(cfg.prompts) == 2
