@@ -58,8 +58,9 @@ class TrainerConfig:
     checkpoint_every: int = 0
     """Write a checkpoint every N iterations (0: only at the end) when a checkpoint path is given."""
     kl_metric_parents: int = 4
-    """Trained parents per iteration on which the KL to the reference (adapter off) is measured after the
-    update, without gradients: two model evaluations each, counted in ``nfe_metrics``. 0 turns it off."""
+    """Trained parents per iteration (evenly spread over the trained depths) on which the KL to the reference
+    (adapter off) is measured after the update, without gradients: two model evaluations each, counted in
+    ``nfe_metrics``. 0 turns it off."""
     eval_every: int = 0
     """Reward of Euler-ODE samples of the held-out evaluation prompts every N iterations (and at the first
     and last iteration); 0 turns it off. Needs evaluation prompts (``eval_prompts`` of the trainer)."""
@@ -344,10 +345,9 @@ class BranchGRPOTrainer:
         out: dict[str, float] = {"nfe_metrics": 0, "nfe_eval": 0}
         if cfg.kl_metric_parents > 0:
             parents = torch.unique(tree.parent[edges]) if edges.numel() else torch.zeros(0, dtype=torch.long)
-            if parents.numel() > cfg.kl_metric_parents:
-                g = torch.Generator().manual_seed(_seed_for(cfg.seed, it, salt=211))
-                pick = torch.randperm(parents.numel(), generator=g)[:cfg.kl_metric_parents]
-                parents = parents[pick].sort().values
+            if parents.numel() > cfg.kl_metric_parents:  # evenly spread over the depths (node ids run by depth)
+                pick = torch.linspace(0, parents.numel() - 1, cfg.kl_metric_parents).round().long()
+                parents = parents[pick]
             kl, nfe = reference_kl(self.model, cond, tree, parents, sched, self.reference, max_batch=cfg.max_batch,
                                    device=self.device, dtype=self.dtype, hook=self._hook)
             if dist.world_size > 1:
