@@ -93,22 +93,34 @@ def test_flat_curves_missing_values_and_restarts_draw_without_errors(page):
       t.widgets.find((w) => w.name === 'run_name').value = 'synthetic_flat';
       const { api } = window.comfyAPI.api;
       const flat = { reward_mean: 0.5, reward_max: 0.5, reward_min: 0.5, reward_std: 0, adv_std: 0, loss: null,
-                     clipfrac: null, time_total: 0.1 };
+                     clipfrac: null, time_total: 0.1, reward_spread: 0, kl_ref: 0, grad_norm: null };
       const send = (i, metrics, tree) => api.dispatchCustomEvent('branchgrpo.metrics',
         { node: String(t.id), run: 'synthetic_flat', iteration: i, total: 5, metrics, tree });
       const tree = { widths: [1, 2, 2, 4, 4], leaf_rewards: [0.5, 0.5, 0.5, 0.5], forks: [0, 2] };
-      send(1, flat, tree); send(2, flat, tree); send(3, { ...flat, reward_mean: null }, { widths: [], leaf_rewards: [] });
+      // the held-out reward comes only on some iterations (a sparse series)
+      send(1, { ...flat, eval_reward: 0.4 }, tree); send(2, flat, tree);
+      send(3, { ...flat, reward_mean: null, eval_reward: 0.45 }, { widths: [], leaf_rewards: [] });
       const chart = t.branchgrpoChart;
       chart.draw();
       const after3 = [chart.points, chart.drawn];
+      const panels = [...chart.panels];
+      const kept = chart.record.history.map((p) => p.eval_reward);
       send(1, flat, tree);  // the same run started again from scratch
       chart.draw();
       const stored = JSON.parse(localStorage.getItem('branchgrpo.run.synthetic_flat'));
-      return { after3, afterRestart: chart.points, stored: stored.history.length,
+      chart.draw();
+      return { after3, panels, kept, panelsRestart: [...chart.panels], afterRestart: chart.points,
+               stored: stored.history.length,
                flat: mod.paddedRange([2, 2, 2]), zero: mod.paddedRange([0, 0]), empty: mod.paddedRange([null, NaN]),
                spread: mod.paddedRange([1, 3]), canvas: [chart.canvas.width, chart.canvas.height] };
     }""")
     assert res["after3"] == [3, 3]
+    assert res["kept"] == [0.4, None, 0.45]
+    # the four health panels, the held-out reward in the legend while the run has one
+    assert res["panels"] == ["reward mean – best 0.5000 worst 0.5000 held-out 0.4500",
+                             "reward spread within trees 0.0000", "clipped – KL to base 0.0000",
+                             "grad norm (before clipping) –"]
+    assert res["panelsRestart"][0] == "reward mean 0.5000 best 0.5000 worst 0.5000"
     assert res["afterRestart"] == 1 and res["stored"] == 1
     for lo, hi in (res["flat"], res["zero"], res["spread"]):
         assert lo < hi
@@ -149,12 +161,15 @@ def test_training_queued_from_the_page_charts_every_iteration_and_survives_reloa
     page.wait_js(f"() => ({POINTS})() === {iterations}", timeout_s=240)
     _wait_queue_empty(comfy.url, 120)
     chart = page.js(f"""() => {{ const c = {TRAINER}.branchgrpoChart; c.draw();
-      return {{ run: c.run, drawn: c.drawn, tree: c.record.tree, last: c.record.history.at(-1),
+      return {{ run: c.run, drawn: c.drawn, tree: c.record.tree, last: c.record.history.at(-1), panels: c.panels,
                 iterations: c.record.history.map((p) => p.iteration) }}; }}""")
     assert chart["run"] == run and chart["drawn"] == iterations
     assert chart["iterations"] == list(range(1, iterations + 1))
     assert chart["tree"]["widths"] == [1, 2, 2, 4, 4, 4, 4] and len(chart["tree"]["leaf_rewards"]) == 4
-    assert all(isinstance(chart["last"][k], float) for k in ("reward_mean", "reward_max", "reward_min", "adv_std"))
+    assert all(isinstance(chart["last"][k], (int, float)) for k in ("reward_mean", "reward_max", "reward_min", "adv_std",
+                                                                    "reward_spread", "clipfrac", "grad_norm", "kl_ref"))
+    assert chart["last"]["kl_ref"] > 0 and chart["last"]["grad_norm"] > 0 and chart["last"]["reward_spread"] >= 0
+    assert [p.split(" ")[0] for p in chart["panels"]] == ["reward", "reward", "clipped", "grad"]
     shot = page.screenshot(tmp_path / "trainer_chart.png")
     assert shot.stat().st_size > 0
 

@@ -1,9 +1,12 @@
 // ComfyUI-BranchGRPO frontend extension: a live training chart on every Trainer (BranchGRPO) node.
 //
 // The Trainer streams one `branchgrpo.metrics` websocket event per iteration (nodes/trainer.py,
-// ComfyProgress): {node, run, iteration, total, metrics: {reward_mean, reward_max, reward_min, adv_std,
-// loss, ...}, tree: {widths, leaf_rewards, forks}}. The chart draws reward mean / best / worst, the
-// advantage spread and the loss per iteration, and the latest tree (its splits, leaves coloured by reward).
+// ComfyProgress): {node, run, iteration, total, metrics: {reward_mean, reward_max, reward_min, reward_spread,
+// clipfrac, kl_ref, grad_norm, eval_reward, ...}, tree: {widths, leaf_rewards, forks}}. The chart draws, per
+// iteration, what says whether training is healthy: the reward (mean / best / worst, and the held-out ODE reward
+// when the run evaluates), the reward's spread within trees before normalisation (the signal GRPO learns from),
+// the fraction of clipped ratios with the KL to the base model (how far the update moves the policy), the
+// gradient norm before clipping; and the latest tree (its splits, leaves coloured by reward).
 // History is kept per run in localStorage and merged with the run's checkpoint history from
 // GET /branchgrpo/runs/<run> (nodes/routes.py), so a page reload during (or after) a run loses nothing.
 // Live events reach only the tab that queued the run; other tabs poll that route while the queue is busy.
@@ -17,10 +20,10 @@ const RUN_KEY = "branchgrpo.run.";      // localStorage: RUN_KEY + run -> {histo
 const NODE_KEY = "branchgrpo.nodes";    // localStorage: {"<graph id>/<node id>": run} (run of the last event)
 const RUN_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;  // the Trainer's run_name rule
 const KEPT = ["iteration", "reward_mean", "reward_max", "reward_min", "reward_std", "adv_std", "loss",
-  "clipfrac", "time_total"];
+  "clipfrac", "time_total", "reward_spread", "kl_ref", "kl", "grad_norm", "eval_reward", "eval_reward_std"];
 const MAX_POINTS = 3000;   // per run, in memory and in localStorage
 const MAX_RUNS = 24;       // runs kept in localStorage (least recently updated dropped first)
-const MIN_HEIGHT = 300;
+const MIN_HEIGHT = 480;
 
 const runs = new Map();    // run -> {run, history: [{iteration, ...}], tree, total}
 const charts = new Set();  // live chart objects (one per Trainer node on the canvas)
@@ -200,7 +203,8 @@ function redrawRun(run) {
 // ------------------------------------------------------------------ drawing
 const COLORS = {
   bg: "#16181c", frame: "#3a3f47", text: "#c9ced6", dim: "#7d8590", mean: "#f2f2f2",
-  best: "#4cc38a", worst: "#e5534b", band: "rgba(76,195,138,0.13)", adv: "#39c5cf", loss: "#f0a35e",
+  best: "#4cc38a", worst: "#e5534b", band: "rgba(76,195,138,0.13)", evalr: "#b48ef0", spread: "#39c5cf",
+  clip: "#f0a35e", kl: "#d67ad6", grad: "#e0c85a",
   edge: "rgba(201,206,214,0.35)", fork: "rgba(240,163,94,0.35)",
 };
 
@@ -214,7 +218,9 @@ function rewardColor(t) {
   return `rgb(${c[0]},${c[1]},${c[2]})`;
 }
 
-function drawSeries(ctx, pts, key, xOf, yOf, color, width) {
+/** A line over the finite values; a missing value lifts the pen, unless `sparse` (a series measured only on
+ *  some iterations, such as the evaluation): then its points are joined and each is marked. */
+function drawSeries(ctx, pts, key, xOf, yOf, color, width, sparse = false) {
   ctx.strokeStyle = color;
   ctx.fillStyle = color;
   ctx.lineWidth = width;
@@ -222,18 +228,19 @@ function drawSeries(ctx, pts, key, xOf, yOf, color, width) {
   let pen = false, alone = [];
   pts.forEach((p, i) => {
     const v = p[key];
-    if (!finite(v)) { pen = false; return; }
+    if (!finite(v)) { if (!sparse) pen = false; return; }
     const x = xOf(p.iteration), y = yOf(v);
     if (pen) ctx.lineTo(x, y); else ctx.moveTo(x, y);
     const prev = pts[i - 1], next = pts[i + 1];
-    if (!finite(prev?.[key]) && !finite(next?.[key])) alone.push([x, y]);
+    if (sparse || (!finite(prev?.[key]) && !finite(next?.[key]))) alone.push([x, y]);
     pen = true;
   });
   ctx.stroke();
-  for (const [x, y] of alone) { ctx.beginPath(); ctx.arc(x, y, width + 1.5, 0, 2 * Math.PI); ctx.fill(); }
+  const r = sparse ? width + 0.5 : width + 1.5;
+  for (const [x, y] of alone) { ctx.beginPath(); ctx.arc(x, y, r, 0, 2 * Math.PI); ctx.fill(); }
 }
 
-function drawPanel(ctx, box, pts, series, title, legend) {
+function drawPanel(ctx, box, pts, series, title, legend, drawn = null) {
   const { x, y, w, h } = box;
   ctx.strokeStyle = COLORS.frame;
   ctx.lineWidth = 1;
@@ -243,6 +250,7 @@ function drawPanel(ctx, box, pts, series, title, legend) {
   ctx.textAlign = "left";
   let lx = x + 5;
   if (title) { ctx.fillStyle = COLORS.dim; ctx.fillText(title, lx, y + 4); lx += ctx.measureText(title).width + 8; }
+  drawn?.push([title, ...legend.map(([label]) => label)].filter(Boolean).join(" "));
   for (const [label, color] of legend) {
     ctx.fillStyle = color;
     ctx.fillText(label, lx, y + 4);
@@ -283,7 +291,7 @@ function drawPanel(ctx, box, pts, series, title, legend) {
         ctx.fill();
       }
     }
-    for (const [key, color, width] of s.lines) drawSeries(ctx, pts, key, xOf, yOf, color, width);
+    for (const [key, color, width, sparse] of s.lines) drawSeries(ctx, pts, key, xOf, yOf, color, width, sparse);
     if (s.axis) {
       ctx.fillStyle = s.axisColor ?? COLORS.dim;
       const right = s.axis === "right";
@@ -378,7 +386,7 @@ function makeChart(node) {
   element.appendChild(canvas);
 
   const chart = {
-    node, element, canvas, override: null, drawn: 0,
+    node, element, canvas, override: null, drawn: 0, panels: [],
     get run() { return nodeRun(node); },
     get record() { const run = nodeRun(node); return run ? getRun(run) : null; },
     /** Points currently charted (the tests read this). */
@@ -411,18 +419,36 @@ function makeChart(node) {
         (rec.total ? `/${rec.total}` : "") : " · no iterations yet") : "set run_name to see the run's chart";
       ctx.fillText(head, 6, 5);
       const pad = 4, top = 22, avail = h - top - pad;
-      const hReward = Math.round(avail * 0.38), hLoss = Math.round(avail * 0.28);
-      const hTree = avail - hReward - hLoss - 2 * pad;
-      drawPanel(ctx, { x: pad, y: top, w: w - 2 * pad, h: hReward }, pts,
-        [{ keys: ["reward_mean", "reward_max", "reward_min"], band: ["reward_min", "reward_max"], axis: "left",
-          lines: [["reward_max", COLORS.best, 1], ["reward_min", COLORS.worst, 1], ["reward_mean", COLORS.mean, 2]] }],
+      const shares = [0.27, 0.15, 0.17, 0.15];  // reward, spread, clip + KL, gradient; the tree gets the rest
+      const heights = shares.map((f) => Math.round(avail * f));
+      const hTree = avail - heights.reduce((a, b) => a + b, 0) - 4 * pad;
+      const boxes = [];
+      let y = top;
+      for (const hp of heights) { boxes.push({ x: pad, y, w: w - 2 * pad, h: hp }); y += hp + pad; }
+      const hasEval = pts.some((p) => finite(p.eval_reward));
+      const klKey = pts.some((p) => finite(p.kl_ref)) ? "kl_ref" : "kl";  // runs before the KL measurement
+      const lastOf = (key) => { for (let i = pts.length - 1; i >= 0; i--) if (finite(pts[i][key])) return pts[i][key]; };
+      this.panels = [];
+      drawPanel(ctx, boxes[0], pts,
+        [{ keys: ["reward_mean", "reward_max", "reward_min", ...(hasEval ? ["eval_reward"] : [])],
+          band: ["reward_min", "reward_max"], axis: "left",
+          lines: [["reward_max", COLORS.best, 1], ["reward_min", COLORS.worst, 1], ["eval_reward", COLORS.evalr, 1.5, true],
+            ["reward_mean", COLORS.mean, 2]] }],
         "reward", [[`mean ${fmt(last?.reward_mean)}`, COLORS.mean], [`best ${fmt(last?.reward_max)}`, COLORS.best],
-          [`worst ${fmt(last?.reward_min)}`, COLORS.worst]]);
-      drawPanel(ctx, { x: pad, y: top + hReward + pad, w: w - 2 * pad, h: hLoss }, pts,
-        [{ keys: ["adv_std"], axis: "left", axisColor: COLORS.adv, lines: [["adv_std", COLORS.adv, 1.5]] },
-          { keys: ["loss"], axis: "right", axisColor: COLORS.loss, lines: [["loss", COLORS.loss, 1.5]] }],
-        "", [[`adv spread ${fmt(last?.adv_std)}`, COLORS.adv], [`loss ${fmt(last?.loss)}`, COLORS.loss]]);
-      drawTree(ctx, { x: pad, y: top + hReward + hLoss + 2 * pad, w: w - 2 * pad, h: Math.max(0, hTree) },
+          [`worst ${fmt(last?.reward_min)}`, COLORS.worst],
+          ...(hasEval ? [[`held-out ${fmt(lastOf("eval_reward"))}`, COLORS.evalr]] : [])], this.panels);
+      drawPanel(ctx, boxes[1], pts,
+        [{ keys: ["reward_spread"], axis: "left", axisColor: COLORS.spread, lines: [["reward_spread", COLORS.spread, 1.5]] }],
+        "", [[`reward spread within trees ${fmt(last?.reward_spread)}`, COLORS.spread]], this.panels);
+      drawPanel(ctx, boxes[2], pts,
+        [{ keys: ["clipfrac"], axis: "left", axisColor: COLORS.clip, lines: [["clipfrac", COLORS.clip, 1.5]] },
+          { keys: [klKey], axis: "right", axisColor: COLORS.kl, lines: [[klKey, COLORS.kl, 1.5]] }],
+        "", [[`clipped ${fmt(last?.clipfrac)}`, COLORS.clip],
+          [`${klKey === "kl_ref" ? "KL to base" : "KL term"} ${fmt(last?.[klKey])}`, COLORS.kl]], this.panels);
+      drawPanel(ctx, boxes[3], pts,
+        [{ keys: ["grad_norm"], axis: "left", axisColor: COLORS.grad, lines: [["grad_norm", COLORS.grad, 1.5]] }],
+        "", [[`grad norm (before clipping) ${fmt(last?.grad_norm)}`, COLORS.grad]], this.panels);
+      drawTree(ctx, { x: pad, y, w: w - 2 * pad, h: Math.max(0, hTree) },
         rec?.tree);
     },
   };
