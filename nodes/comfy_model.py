@@ -29,6 +29,8 @@ import node_helpers
 
 from branchgrpo.lora import LoRA, LoRAConfig
 
+from . import memory_policy
+
 log = logging.getLogger("BranchGRPO")
 
 
@@ -83,10 +85,16 @@ class LoRAWeightWrapper:
         self.lora, self.name = lora, name
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` is the layer's weight as ComfyUI's ops cast it for this forward: a copy in the compute
+        dtype (an fp8 or offloaded base is upcast per layer; the stored weight stays as it is). The update
+        ``scale * up @ down`` is computed in that dtype too (bf16 on a bf16 / fp8 model), from the adapter's
+        fp32 parameters, which receive the gradients."""
         if not self.lora.enabled:
             return weight
-        delta = self.lora.delta(self.name)
-        return weight + delta.to(device=weight.device, dtype=weight.dtype).reshape(weight.shape)
+        a = self.lora.adapter(self.name)
+        up = a.up.to(device=weight.device, dtype=weight.dtype)
+        down = a.down.to(device=weight.device, dtype=weight.dtype)
+        return weight + ((up @ down) * self.lora.scale).reshape(weight.shape)
 
     def move_to(self, device=None) -> int:
         # The adapter stays on the compute device with its optimizer state; it is small.
@@ -240,6 +248,9 @@ class ComfyFlowModel:
         self._negative_raw = None
         self._processed: dict[str, dict] = {}
         self._batch_uuids: dict[tuple, Any] = {}
+        self._sampling_args = None
+        self._loaded: list = []
+        self.reloads = 0  # loads of the diffusion model after the session's first (see ensure_loaded)
         self._prompt_ids: dict[str, int] = {}
         self._prompts: list[str] = []
         self.real_model = None
@@ -276,7 +287,9 @@ class ComfyFlowModel:
                 all_conds[k] += c[k]
         comfy.sampler_helpers.prepare_model_patcher(mp, all_conds, self.model_options)
         noise_shape = (max_batch, *self.latent_shape)
+        self._sampling_args = (noise_shape, all_conds)
         real_model, _, loaded = comfy.sampler_helpers.prepare_sampling(mp, noise_shape, all_conds, self.model_options)
+        self._loaded = loaded
         device = mp.load_device
         comfy.samplers.cast_to_load_options(self.model_options, device=device, dtype=mp.model_dtype())
         mp.pre_run()
@@ -289,7 +302,7 @@ class ComfyFlowModel:
             yield self
         finally:
             mp.cleanup()
-            comfy.sampler_helpers.cleanup_models(all_conds, loaded)
+            comfy.sampler_helpers.cleanup_models(all_conds, self._loaded)
             comfy.samplers.cast_to_load_options(self.model_options, device=mp.offload_device)
             mp.restore_hook_patches()
             self.real_model = None
@@ -308,6 +321,7 @@ class ComfyFlowModel:
         ``sampling_function`` like a KSampler batch. Prompts whose conds cannot be concatenated (other
         shapes, e.g. text of another token length under a model that does not pad, or areas, masks,
         timestep ranges, hooks, ControlNets) are run as separate groups, one call each."""
+        self.ensure_loaded()
         index = index.to("cpu")
         sigma = sigma.to(x.device)
         view = (-1,) + (1,) * (x.dim() - 1)
@@ -332,6 +346,16 @@ class ComfyFlowModel:
                 out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
             out[order] = v
         return out
+
+    def ensure_loaded(self) -> None:
+        """Load the diffusion model again if model management unloaded it since the last call (a VAE or a
+        reward model that needed its memory); a no-op while it stays loaded, fully or partially."""
+        if self.real_model is None or memory_policy.is_loaded(self.mp):
+            return
+        noise_shape, all_conds = self._sampling_args
+        self.real_model, _, self._loaded = comfy.sampler_helpers.prepare_sampling(self.mp, noise_shape, all_conds,
+                                                                                 self.model_options)
+        self.reloads += 1
 
     # what makes a processed cond unfit to merge with another prompt's (ComfyUI treats these per cond)
     _PER_COND_KEYS = ("area", "mask", "timestep_start", "timestep_end", "hooks", "control", "gligen", "default")
