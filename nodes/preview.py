@@ -2,7 +2,9 @@
 samples, side by side in one image sent through ComfyUI's progress bar (``ProgressBar.update_absolute``
 with a ``("JPEG", PIL.Image, max_size)`` preview, which the server streams as a binary preview event).
 
-Only what is shown is kept: two leaf images per iteration and at most ``max_eval`` evaluation images.
+Only what is shown is decoded and kept: two leaf images per iteration and at most ``max_eval`` evaluation
+images. Given a ``decode`` (clean latents -> IMAGE), the keeper decodes just those from the tree's and the
+evaluation's clean latents, so the trainer need not keep every decoded leaf (``keep_images``).
 """
 from __future__ import annotations
 
@@ -54,15 +56,25 @@ def preview_grid(tiles: list[tuple[str, torch.Tensor]], tile: int = TILE) -> Ima
 class PreviewKeeper:
     """What the Trainer's preview shows, updated by the training callbacks."""
 
-    def __init__(self, max_eval: int = 4):
+    def __init__(self, decode=None, max_eval: int = 4):
+        self.decode = decode
         self.max_eval = max_eval
         self.best: tuple[float, torch.Tensor] | None = None
         self.worst: tuple[float, torch.Tensor] | None = None
         self.eval: tuple[int, list[torch.Tensor], list[float]] | None = None
 
+    def _images(self, images: torch.Tensor | None, x0: torch.Tensor | None, ids: list[int]) -> list | None:
+        if images is not None:
+            return [images[i].detach().cpu().clone() for i in ids]
+        if self.decode is None or x0 is None:
+            return None
+        with torch.no_grad():
+            out = self.decode(x0[torch.as_tensor(ids, device=x0.device)])
+        return [img.detach().cpu().clone() for img in out]
+
     def rollout(self, tree, leaf_rewards: torch.Tensor, images: torch.Tensor | None) -> None:
         """The best and the worst leaf of the iteration's first tree (the tree the live chart draws)."""
-        if images is None or images.shape[0] != leaf_rewards.numel():
+        if images is not None and images.shape[0] != leaf_rewards.numel():
             return
         ids = torch.nonzero(tree.leaf_tree() == 0).flatten()
         if ids.numel() == 0:
@@ -73,16 +85,20 @@ class PreviewKeeper:
             return
         ids, r = ids[finite], r[finite]
         hi, lo = int(torch.argmax(r)), int(torch.argmin(r))
-        self.best = (float(r[hi]), images[int(ids[hi])].detach().cpu().clone())
-        self.worst = (float(r[lo]), images[int(ids[lo])].detach().cpu().clone())
+        pics = self._images(images, getattr(tree, "leaf_x0", None), [int(ids[hi]), int(ids[lo])])
+        if pics is not None:
+            self.best, self.worst = (float(r[hi]), pics[0]), (float(r[lo]), pics[1])
 
     def evaluation(self, iteration: int, result: dict) -> None:
-        images = result.get("images")
-        if images is None:
+        """The first ``max_eval`` samples of an evaluation (:func:`branchgrpo.evaluate.evaluate`'s result)."""
+        images, x0 = result.get("images"), result.get("x0")
+        total = images.shape[0] if images is not None else (x0.shape[0] if x0 is not None else 0)
+        n = min(self.max_eval, total)
+        pics = self._images(images, x0, list(range(n))) if n else None
+        if pics is None:
             return
-        n = min(self.max_eval, images.shape[0])
         rewards = [float(v) for v in result.get("rewards", torch.full((n,), float("nan")))[:n]]
-        self.eval = (iteration, [images[i].detach().cpu().clone() for i in range(n)], rewards)
+        self.eval = (iteration, pics, rewards)
 
     def image(self) -> Image.Image | None:
         tiles = []

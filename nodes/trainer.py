@@ -26,11 +26,13 @@ from . import inputs
 from . import types as T
 from .comfy_model import ComfyFlowModel, attach_lora, model_family, require_flow_model
 from .comfy_model import gradient_checkpointing as checkpointing_blocks
+from .preview import PREVIEW_MAX_SIZE, PreviewKeeper
 
 log = logging.getLogger("BranchGRPO")
 NODE = "BranchGRPO Trainer"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROGRESS_UNITS = 100  # progress-bar units per iteration: half rollout, half update
+EVAL_EVERY = 10  # held-out ODE evaluation every N iterations when the Prompts node holds prompts out
 
 
 class LoraStateDict(dict):
@@ -59,17 +61,30 @@ def _jsonable(metrics: dict) -> dict:
 
 class ComfyProgress(Callback):
     """Progress bar per iteration (with the rollout / update progress inside), interrupt checks
-    before every model call, and metrics + the latest tree streamed to the browser."""
+    before every model call, metrics + the latest tree streamed to the browser, and a preview on the node
+    (best and worst leaf of the latest tree, the latest evaluation samples; nodes/preview.py)."""
 
-    def __init__(self, node_id, run_name: str, start: int, total: int):
+    def __init__(self, node_id, run_name: str, start: int, total: int, decode=None):
         self.node_id, self.run_name, self.total = node_id, run_name, total
         self.iteration = start
         self.pbar = comfy.utils.ProgressBar(total * PROGRESS_UNITS, node_id=node_id)
         self.pbar.update_absolute(start * PROGRESS_UNITS)
         self.tree_view = None
+        self.preview = PreviewKeeper(decode)
+
+    def _keep_preview(self, update, *args) -> None:
+        """A preview is worth no run: a failure to decode it is logged, only an interrupt goes through."""
+        try:
+            update(*args)
+        except comfy.model_management.InterruptProcessingException:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("BranchGRPO %s: no preview this iteration (%s: %s)", self.run_name, type(e).__name__, e)
 
     def on_model_call(self, phase, done, total):
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if phase not in ("rollout", "train"):  # the measurements after the update: the bar stays
+            return
         frac = done / max(total, 1)
         frac = 0.5 * frac if phase == "rollout" else 0.5 + 0.5 * frac
         self.pbar.update_absolute(int(self.iteration * PROGRESS_UNITS + frac * PROGRESS_UNITS))
@@ -80,10 +95,16 @@ class ComfyProgress(Callback):
         n0 = int((tree.leaf_tree() == 0).sum())
         self.tree_view = {"widths": widths, "leaf_rewards": [float(r) for r in leaf_rewards[:n0]],
                           "forks": [i for i in range(tree.num_steps) if widths[i + 1] > widths[i]]}
+        self._keep_preview(self.preview.rollout, tree, leaf_rewards, images)
+
+    def on_evaluation(self, iteration, result):
+        self._keep_preview(self.preview.evaluation, iteration, result)
 
     def on_iteration_end(self, iteration, metrics):
         self.iteration = iteration
-        self.pbar.update_absolute(iteration * PROGRESS_UNITS)
+        image = self.preview.image()
+        self.pbar.update_absolute(iteration * PROGRESS_UNITS, None,
+                                  ("JPEG", image, PREVIEW_MAX_SIZE) if image is not None else None)
         _send("branchgrpo.metrics", {"node": self.node_id, "run": self.run_name, "iteration": iteration,
                                      "total": self.total, "metrics": _jsonable(metrics), "tree": self.tree_view})
         log.info("BranchGRPO %s it %d/%d reward %.4f (best %.4f worst %.4f) loss %.3g %.1fs", self.run_name,
@@ -189,7 +210,8 @@ class TrainerNode(io.ComfyNode):
                               edges_per_step=s.edges_per_step, max_grad_norm=s.max_grad_norm,
                               max_train_batch=s.max_train_batch),
             iterations=iterations, prompts_per_iteration=prompts_per_iteration, seed=seed, max_batch=s.max_batch,
-            reward_weights=tuple(weights), checkpoint_every=1)
+            reward_weights=tuple(weights), checkpoint_every=1,
+            eval_every=int(s.get("eval_every", EVAL_EVERY)) if prompts.get("eval") else 0)
         config.advantage.aggregation = aggregation
         try:
             config.validate(NODE)
@@ -228,13 +250,14 @@ class TrainerNode(io.ComfyNode):
             mp, lora = attach_lora(model, lora_cfg, seed=seed, device=device)
             flow = ComfyFlowModel(mp, latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
                                   guidance=s.flux_guidance, seed=seed)
-            flow.add_prompts(prompts["train"])
+            eval_prompts = list(prompts.get("eval") or []) if config.eval_every else []
+            flow.add_prompts(prompts["train"] + eval_prompts)
 
             def decode(x0):
                 return vae.decode(flow.to_vae_latent(x0.to(vae.device if hasattr(vae, "device") else x0.device)))
 
             trainer = BranchGRPOTrainer(flow, lora, prompts["train"], rewards, decode, config, latent_shape,
-                                        device=device, callbacks=[])
+                                        device=device, callbacks=[], eval_prompts=eval_prompts)
             resumed_from = 0
             if state is not None:
                 try:
@@ -244,7 +267,7 @@ class TrainerNode(io.ComfyNode):
                                      "another rank or other layers (lora_rank / lora_targets differ); restore them, "
                                      f"set resume off, or pick a new run_name. ({str(e).splitlines()[0]})") from None
                 resumed_from = trainer.iteration
-            progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations)
+            progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations, decode=decode)
             trainer.callbacks.append(progress)
             with flow.session(s.max_batch), checkpointing_blocks(mp, use_gc):
                 trainer.train(checkpoint_path=ckpt)

@@ -61,3 +61,23 @@ def test_video_leaves_show_their_middle_frame_and_grids_of_odd_shapes():
     grid = P.preview_grid([("wide", torch.rand(6, 12, 3)), ("grey", torch.rand(10, 10, 1))], tile=30)
     assert grid.size == (60 + 4 + 30, 30 + P.CAPTION)
     assert P.preview_grid([]) is None
+
+
+def test_with_a_decoder_only_the_shown_latents_are_decoded():
+    tree, images = _tree()
+    calls = []
+
+    def decode(x0):
+        calls.append(x0.shape[0])
+        return decode_to_image(x0)
+
+    keep = P.PreviewKeeper(decode=decode, max_eval=2)
+    rewards = torch.linspace(0, 1, images.shape[0])
+    keep.rollout(tree, rewards, None)  # the trainer kept no images
+    t0 = torch.nonzero(tree.leaf_tree() == 0).flatten()
+    assert calls == [2]
+    assert torch.equal(keep.best[1], images[t0[-1]]) and torch.equal(keep.worst[1], images[t0[0]])
+    x0 = torch.randn(6, 4, 4, 4)
+    keep.evaluation(3, {"x0": x0, "rewards": torch.arange(6.0)})
+    assert calls == [2, 2] and torch.equal(keep.eval[1][1], decode_to_image(x0[1:2])[0])
+    assert keep.image().size == (4 * P.TILE + 3 * 4, P.TILE + P.CAPTION)
