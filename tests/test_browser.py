@@ -137,6 +137,10 @@ def test_training_queued_from_the_page_charts_every_iteration_and_survives_reloa
     t0 = time.monotonic()
     page.js("async (g) => { await app.loadApiJson(g, 'browser_training.json'); }", graph)
     assert page.js(POINTS) == 0
+    # the Trainer's previews (best | worst leaf) arrive as binary preview events addressed to its node
+    page.js("""() => { window.__previews = [];
+      window.comfyAPI.api.api.addEventListener('b_preview_with_metadata',
+        (e) => window.__previews.push(String(e.detail.displayNodeId))); }""")
     page.js("() => app.queuePrompt(0, 1)")
     # another tab (its own websocket client id: no live events) with the same graph follows the checkpoint
     other = ComfyPage(browser, comfy.url).open()
@@ -153,6 +157,10 @@ def test_training_queued_from_the_page_charts_every_iteration_and_survives_reloa
     assert seen[-1] >= 2, f"chart points over time: {seen}"
     assert seen == sorted(seen) and len(seen) >= 2, seen
     t_first = time.monotonic() - t0
+    trainer_id = page.js(f"() => String({TRAINER}.id)")
+    previews = page.js("() => window.__previews")
+    assert previews.count(trainer_id) >= 1 and set(previews) == {trainer_id}, (previews, trainer_id)
+    assert page.js(f"() => (app.nodePreviewImages?.[{TRAINER}.id] ?? []).length") >= 1  # shown on the node
 
     # reload while the run goes on: the history is back at once (localStorage), later points keep coming
     before = page.js(POINTS)
