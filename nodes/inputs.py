@@ -73,6 +73,17 @@ EXPERT_OPTIONS: tuple[Option, ...] = (
          "~30% more time. 'auto' = on for models over 1 GB.", options=["auto", "on", "off"]),
     _opt(io.Float, "memory_budget_gb", 0.0, "Refuse to start if the estimated memory of the run exceeds this "
          "(0 = the free memory of the device).", min=0.0, max=4096.0, step=0.5),
+    _opt(io.Combo, "base_weights", "auto", "How the frozen base weights are stored during training. 'as loaded': "
+         "as the MODEL came (a UNETLoader fp8 weight_dtype stays fp8). fp8_e4m3fn / fp8_e5m2: the Linear weights "
+         "stored in fp8 (half of bf16), each layer computed in the model's dtype with the LoRA update in that "
+         "dtype too. 'auto' = fp8_e4m3fn when the weights take more than half of the memory budget (FLUX.1-dev or "
+         "Wan 14B on a 24 GB card), else as loaded. The input MODEL is not changed.",
+         options=["auto", "as loaded", "fp8_e4m3fn", "fp8_e5m2"]),
+    _opt(io.Combo, "release_models", "auto", "Release the text encoders once the prompts are encoded, the VAE when "
+         "the leaves are decoded and each reward model when it has scored them, so that one card holds only the "
+         "model of the current phase. 'auto' = on when the diffusion model takes more than a quarter of the "
+         "memory budget. Leaves are decoded and scored in chunks sized to the budget (at most max_batch).",
+         options=["auto", "on", "off"]),
     _opt(io.Float, "cfg", 1.0, "True CFG scale (1 = off; each model call then costs two evaluations). SD3/3.5 and "
          "Wan need it (4.5-5); FLUX-dev is guidance-distilled (keep 1, use flux_guidance).",
          min=1.0, max=30.0, step=0.1),

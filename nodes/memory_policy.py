@@ -150,6 +150,17 @@ def with_base_dtype(model_patcher, dtype: torch.dtype):
     return clone
 
 
+def weight_bytes(model_patcher, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights with its ComfyUI-op Linear weights stored in ``dtype`` (what
+    :func:`with_base_dtype` keeps), everything else as loaded."""
+    total = model_patcher.model_size()
+    for m in model_patcher.model.diffusion_model.modules():
+        if isinstance(m, torch.nn.Linear) and hasattr(m, "comfy_cast_weights"):
+            w = m.weight
+            total += w.numel() * (dtype.itemsize - w.element_size()) if w.element_size() > dtype.itemsize else 0
+    return total
+
+
 # -------------------------------------------------------------------------------------------- the plan
 @dataclass
 class MemoryPlan:
@@ -210,5 +221,5 @@ def plan(*, budget: int, weights: int, latent_shape, max_batch: int, vae=None, r
                       release_text_encoders=release, release_after_phase=release)
 
 
-__all__ = ["MemoryPlan", "plan", "release", "is_loaded", "patchers_of", "ReleaseAfterPhase", "with_base_dtype",
+__all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patchers_of", "ReleaseAfterPhase", "with_base_dtype",
            "BASE_WEIGHT_CHOICES", "FP8"]

@@ -22,7 +22,7 @@ from branchgrpo.rewards.base import Reward
 from branchgrpo.schedule import BranchSchedule
 from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
 
-from . import inputs
+from . import inputs, memory_policy
 from . import types as T
 from .comfy_model import ComfyFlowModel, attach_lora, model_family, require_flow_model
 from .comfy_model import gradient_checkpointing as checkpointing_blocks
@@ -230,6 +230,14 @@ class TrainerNode(io.ComfyNode):
         device = model.load_device
         budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
                   else comfy.model_management.get_total_memory(device))
+        memory = memory_policy.plan(budget=budget, weights=model.model_size(), latent_shape=latent_shape,
+                                    max_batch=s.max_batch, vae=vae, reward=reward,
+                                    base_weights=s.get("base_weights", "auto"),
+                                    release_models=s.get("release_models", "auto"))
+        if memory.base_weights in memory_policy.FP8:  # the weights as they will be stored
+            fp8_bytes = memory_policy.weight_bytes(model, memory_policy.FP8[memory.base_weights])
+            mem["total"] += fp8_bytes - mem["weights"]
+            mem["weights"] = fp8_bytes
         if mem["total"] > budget:
             raise ValueError(
                 f"{NODE}: schedule — the tree is too large for the batch budget: storing "
@@ -240,18 +248,22 @@ class TrainerNode(io.ComfyNode):
         ckpt = os.path.join(checkpoint_dir(run_name), "checkpoint.pt")
         info = (f"estimated memory: {_gb(mem['total'])} (weights {_gb(mem['weights'])}, tree {_gb(mem['tree'])}, "
                 f"activations {_gb(mem['activations'])}, adapter+optimizer {_gb(mem['adapter_and_optimizer'])}); "
-                f"gradient checkpointing {'on' if use_gc else 'off'}")
+                f"gradient checkpointing {'on' if use_gc else 'off'}; {memory.describe()}")
         log.info("BranchGRPO %s: %s", run_name, info)
 
         state = read_resumable_checkpoint(ckpt, config, iterations) if resume and os.path.exists(ckpt) else None
 
         # ---------------------------------------------------------- training
         with torch.inference_mode(False), torch.enable_grad():
-            mp, lora = attach_lora(model, lora_cfg, seed=seed, device=device)
+            base = (model if memory.base_weights not in memory_policy.FP8
+                    else memory_policy.with_base_dtype(model, memory_policy.FP8[memory.base_weights]))
+            mp, lora = attach_lora(base, lora_cfg, seed=seed, device=device)
             flow = ComfyFlowModel(mp, latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
                                   guidance=s.flux_guidance, seed=seed)
             eval_prompts = list(prompts.get("eval") or []) if config.eval_every else []
-            flow.add_prompts(prompts["train"] + eval_prompts)
+            flow.add_prompts(prompts["train"] + eval_prompts)  # encoded once, kept for the whole run
+            if memory.release_text_encoders:
+                memory_policy.release(memory_policy.patchers_of(clip))
 
             def decode(x0):
                 return vae.decode(flow.to_vae_latent(x0.to(vae.device if hasattr(vae, "device") else x0.device)))
@@ -269,6 +281,9 @@ class TrainerNode(io.ComfyNode):
                 resumed_from = trainer.iteration
             progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations, decode=decode)
             trainer.callbacks.append(progress)
+            trainer.decode_batch, trainer.reward_batch = memory.decode_batch, memory.reward_batch
+            if memory.release_after_phase:
+                trainer.callbacks.append(memory_policy.ReleaseAfterPhase(vae, rewards))
             with flow.session(s.max_batch), checkpointing_blocks(mp, use_gc):
                 trainer.train(checkpoint_path=ckpt)
             for p in lora.parameters():
