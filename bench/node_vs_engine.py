@@ -12,7 +12,9 @@ reward, learning rate 1e-3):
   the LoRA through weight wrappers, :class:`nodes.comfy_model.ComfyFlowModel` calling
   ``comfy.samplers.sampling_function``.
 
-Iterations alternate (engine, node, node, engine, ...) so machine noise hits both alike. Reported: seconds
+With ``--per-prompt`` a third run is the node path with one model call per prompt (the grouping used when
+conds cannot be concatenated; how every step ran before batching). Iterations alternate their order (engine,
+node, ..., then the reverse) so machine noise hits all alike. Reported: seconds
 per iteration (median, the first iteration of each left out as warm-up), their ratio node / engine, model
 calls (forward calls of the diffusion model) per iteration in the rollout and in the update, and the largest
 difference of the mean rewards between the two paths (the same tree, so ~0 up to float rounding).
@@ -20,6 +22,7 @@ difference of the mean rewards between the two paths (the same tree, so ~0 up to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -30,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from branchgrpo.trainer import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
@@ -84,12 +89,26 @@ def demo_config(iterations: int, prompts: int):
                          iterations=iterations, prompts_per_iteration=prompts, seed=0, max_batch=64)
 
 
-def build_pair(nodes_pkg, iterations: int, n_prompts: int = 4, rank: int = 8):
-    """(engine trainer, engine counter, node trainer, node counter, node contexts) on the demo weights."""
+class _Phase(Callback):
+    """Model calls per iteration, split at the end of the rollout."""
+
+    def __init__(self, counter: CallCounter):
+        self.counter, self.rollout, self.update = counter, [], []
+
+    def on_rollout_end(self, iteration, tree, leaf_rewards, images):
+        self.rollout.append(self.counter.take())
+
+    def on_iteration_end(self, iteration, metrics):
+        self.update.append(self.counter.take())
+
+
+def build_runs(iterations: int, n_prompts: int = 4, rank: int = 8, per_prompt: bool = False) -> dict:
+    """``{name: (trainer, phase counter, context or None)}`` on the demo weights: ``engine``, ``node`` and, with
+    ``per_prompt``, ``node_per_prompt`` (the node path with one model call per prompt, as before batching)."""
     from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
     from branchgrpo.models.toy_dit import ToyDiT, ToyDiTConfig, ToyVelocityModel
     from branchgrpo.rewards.weight_free import Colorfulness
-    from branchgrpo.trainer import BranchGRPOTrainer, Callback
+    from branchgrpo.trainer import BranchGRPOTrainer
 
     demo = importlib.import_module(f"{PACK}.nodes.demo_model")
     cm = importlib.import_module(f"{PACK}.nodes.comfy_model")
@@ -97,16 +116,7 @@ def build_pair(nodes_pkg, iterations: int, n_prompts: int = 4, rank: int = 8):
     lora_cfg = LoRAConfig(rank=rank, alpha=float(rank), targets=("*attn*", "*mlp*"))
     config = demo_config(iterations, n_prompts)
     reward = Colorfulness()
-
-    class Phase(Callback):
-        def __init__(self, counter):
-            self.counter, self.rollout, self.update = counter, [], []
-
-        def on_rollout_end(self, iteration, tree, leaf_rewards, images):
-            self.rollout.append(self.counter.take())
-
-        def on_iteration_end(self, iteration, metrics):
-            self.update.append(self.counter.take())
+    runs = {}
 
     # engine
     sd, meta = demo.read_demo_file()
@@ -116,56 +126,72 @@ def build_pair(nodes_pkg, iterations: int, n_prompts: int = 4, rank: int = 8):
     engine_model = ToyVelocityModel(net, tuple(json.loads(meta["class_names"])))
     lora_e = LoRA(net, lora_cfg, seed=0)
     lora_e.attach(net)
-    count_e = CallCounter(net)
-    phase_e = Phase(count_e)
-    engine = BranchGRPOTrainer(engine_model, lora_e, prompts, [reward], engine_model.decode, config,
-                               engine_model.latent_shape, callbacks=[phase_e])
+    phase = _Phase(CallCounter(net))
+    runs["engine"] = (BranchGRPOTrainer(engine_model, lora_e, prompts, [reward], engine_model.decode, config,
+                                        engine_model.latent_shape, callbacks=[phase]), phase, None)
+
+    class PerPrompt(cm.ComfyFlowModel):
+        def _buckets(self, prompts):
+            return [[i] for i in range(len(prompts))]
 
     # node (what nodes/trainer.py does)
-    mp, names = demo.build_demo_model()
-    latent_shape = (3, mp.model.diffusion_model.config.img_size, mp.model.diffusion_model.config.img_size)
-    with torch.inference_mode(False):
-        mpl, lora_n = cm.attach_lora(mp, lora_cfg, seed=0, device=mp.load_device)
-    flow = cm.ComfyFlowModel(mpl, latent_shape, clip=demo.DemoTextEncoder(names), guidance=3.5, seed=0)
-    flow.add_prompts(prompts)
-    vae = demo.DemoVAE(latent_shape[-1])
-    count_n = CallCounter(mp.model.diffusion_model)
-    phase_n = Phase(count_n)
-    node = BranchGRPOTrainer(flow, lora_n, prompts, [reward], lambda x0: vae.decode(flow.to_vae_latent(x0)),
-                             config, latent_shape, device=mp.load_device, callbacks=[phase_n])
-    contexts = (flow, cm.gradient_checkpointing, mpl)
-    return engine, phase_e, node, phase_n, contexts
+    for name, cls in (("node", cm.ComfyFlowModel), ("node_per_prompt", PerPrompt)):
+        if name == "node_per_prompt" and not per_prompt:
+            continue
+        mp, names = demo.build_demo_model()
+        size = mp.model.diffusion_model.config.img_size
+        latent_shape = (3, size, size)
+        with torch.inference_mode(False):
+            mpl, lora_n = cm.attach_lora(mp, lora_cfg, seed=0, device=mp.load_device)
+        flow = cls(mpl, latent_shape, clip=demo.DemoTextEncoder(names), guidance=3.5, seed=0)
+        flow.add_prompts(prompts)
+        vae = demo.DemoVAE(size)
+        phase = _Phase(CallCounter(mp.model.diffusion_model))
+        trainer = BranchGRPOTrainer(flow, lora_n, prompts, [reward],
+                                    lambda x0, flow=flow, vae=vae: vae.decode(flow.to_vae_latent(x0)),
+                                    config, latent_shape, device=mp.load_device, callbacks=[phase])
+
+        @contextlib.contextmanager
+        def context(flow=flow, mpl=mpl):
+            with flow.session(config.max_batch), cm.gradient_checkpointing(mpl, False):
+                yield
+
+        runs[name] = (trainer, phase, context)
+    return runs
 
 
-def run(iterations: int = 8, n_prompts: int = 4, threads: int | None = None) -> dict:
-    nodes_pkg = import_comfy()
+def run(iterations: int = 8, n_prompts: int = 4, threads: int | None = None, per_prompt: bool = False) -> dict:
+    import_comfy()
     if threads:
         torch.set_num_threads(threads)
-    engine, phase_e, node, phase_n, (flow, checkpointing, mpl) = build_pair(nodes_pkg, iterations, n_prompts)
-    seconds = {"engine": [], "node": []}
-    with torch.inference_mode(False), torch.enable_grad(), flow.session(64), checkpointing(mpl, False):
+    runs = build_runs(iterations, n_prompts, per_prompt=per_prompt)
+    seconds = {k: [] for k in runs}
+    with torch.inference_mode(False), torch.enable_grad(), contextlib.ExitStack() as stack:
+        for _, _, context in runs.values():
+            if context is not None:
+                stack.enter_context(context())
+        names = list(runs)
         for i in range(iterations):
-            order = ("engine", "node") if i % 2 == 0 else ("node", "engine")
-            for name in order:
-                trainer = engine if name == "engine" else node
+            for name in (names if i % 2 == 0 else names[::-1]):  # alternate the order: noise hits all alike
                 t0 = time.perf_counter()
-                trainer.step()
+                runs[name][0].step()
                 seconds[name].append(time.perf_counter() - t0)
     timed = slice(1, None) if iterations > 1 else slice(None)
     med = {k: statistics.median(v[timed]) for k, v in seconds.items()}
-    rewards = {k: [h["reward_mean"] for h in t.history] for k, t in (("engine", engine), ("node", node))}
+    rewards = {k: [h["reward_mean"] for h in r[0].history] for k, r in runs.items()}
     return {
         "model": "demo/tiny_t2i.safetensors", "prompts_per_iteration": n_prompts, "iterations": iterations,
         "threads": torch.get_num_threads(),
         "seconds_per_iteration": {k: round(v, 4) for k, v in med.items()},
         "seconds_all": {k: [round(s, 4) for s in v] for k, v in seconds.items()},
+        "ratio_to_engine": {k: round(med[k] / med["engine"], 3) for k in runs},
         "ratio_node_to_engine": round(med["node"] / med["engine"], 3),
-        "model_calls_rollout": {"engine": phase_e.rollout, "node": phase_n.rollout},
-        "model_calls_update": {"engine": phase_e.update, "node": phase_n.update},
-        "model_evaluations": {k: [int(h["nfe_rollout"]) + int(h.get("nfe_train", 0)) for h in t.history]
-                              for k, t in (("engine", engine), ("node", node))},
+        "model_calls_rollout": {k: r[1].rollout for k, r in runs.items()},
+        "model_calls_update": {k: r[1].update for k, r in runs.items()},
+        "model_evaluations": {k: [int(h["nfe_rollout"]) + int(h.get("nfe_train", 0)) for h in r[0].history]
+                              for k, r in runs.items()},
         "reward_mean": rewards,
-        "reward_max_abs_diff": max(abs(a - b) for a, b in zip(rewards["engine"], rewards["node"])),
+        "reward_max_abs_diff": max(abs(a - b) for k in runs for a, b in zip(rewards["engine"], rewards[k])),
     }
 
 
@@ -174,17 +200,19 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=4, help="prompts (trees) per iteration, at most 4")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--per-prompt", action="store_true",
+                    help="also run the node path with one model call per prompt (as before batching)")
     ap.add_argument("--out", default="", help="also write the result as JSON here")
     args = ap.parse_args(argv)
     if not 1 <= args.prompts <= len(PROMPTS):
         ap.error(f"--prompts must be 1..{len(PROMPTS)}")
-    res = run(args.iterations, args.prompts, args.threads or None)
+    res = run(args.iterations, args.prompts, args.threads or None, per_prompt=args.per_prompt)
     s = res["seconds_per_iteration"]
-    print(f"seconds per iteration (median): engine {s['engine']:.3f}  node {s['node']:.3f}  "
-          f"ratio node/engine {res['ratio_node_to_engine']:.3f}")
+    print("seconds per iteration (median): " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()))
+    print("ratio to engine: " + "  ".join(f"{k} {v:.3f}" for k, v in res["ratio_to_engine"].items()))
     for phase in ("rollout", "update"):
         c = res[f"model_calls_{phase}"]
-        print(f"model calls per iteration, {phase}: engine {c['engine']}  node {c['node']}")
+        print(f"model calls per iteration, {phase}: " + "  ".join(f"{k} {v}" for k, v in c.items()))
     print(f"largest |reward_mean(engine) - reward_mean(node)|: {res['reward_max_abs_diff']:.2e}")
     if args.out:
         from branchgrpo.fileio import write_text_atomic

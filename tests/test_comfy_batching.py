@@ -28,8 +28,9 @@ def pack():
 def test_node_path_makes_the_engines_model_calls(pack):
     """Same tree, same weights: the node path makes exactly the engine's model calls, rollout and update,
     and gets the same rewards."""
-    res = nve.run(iterations=1, n_prompts=4)
+    res = nve.run(iterations=1, n_prompts=4, per_prompt=True)
     assert res["model_calls_rollout"]["engine"] == [10]  # one call per step for the 4 trees
+    assert res["model_calls_rollout"]["node_per_prompt"] == [40]  # what a call per prompt costs
     assert res["model_calls_rollout"]["node"] == res["model_calls_rollout"]["engine"]
     assert res["model_calls_update"]["node"] == res["model_calls_update"]["engine"]
     assert res["model_calls_update"]["engine"][0] > 0
