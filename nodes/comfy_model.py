@@ -9,6 +9,12 @@
   (``calc_cond_batch`` + CFG), so true CFG with a negative prompt, model patches and wrappers all work
   as in a KSampler. The denoised output of a flow model is ``x - sigma * v``; the velocity is
   recovered as ``(x - denoised) / sigma``.
+* A batch whose rows belong to several prompts is one model call, as in the engine: the prompts' conds
+  are concatenated into one (``process_cond`` + ``concat``, what ``calc_cond_batch`` does with conds of
+  equal shape); only prompts whose conds cannot be concatenated run as separate groups.
+* Memory (``nodes/memory_policy.py``): if model management unloaded the diffusion model in between (a VAE or
+  reward model needed the memory), the next call loads it again; fp8 / offloaded weights are cast per
+  layer by ComfyUI's ops and the LoRA update is added in that compute dtype.
 """
 from __future__ import annotations
 
