@@ -10,6 +10,7 @@ from .dev_nodes import DEV_NODES as FAMILY_DEV_NODES
 from .export_config import ExportRunConfigNode
 from .lora_io import SaveLoRANode
 from .plot import MetricsPlotNode
+from .reference import EditPromptsNode
 from .rewards import REWARD_NODES
 from . import routes  # noqa: F401  (registers GET /branchgrpo/runs/{run}, read by web/branchgrpo.js)
 from .sampler import TreeSamplerNode
@@ -19,7 +20,7 @@ from .trainer import TrainerNode
 
 NODES: list[type[io.ComfyNode]] = [
     BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, TrainerSettingsNode,
-    SaveLoRANode,
+    SaveLoRANode, EditPromptsNode,
     MetricsPlotNode, *REWARD_NODES,
     ExportRunConfigNode, DemoModelLoaderNode,
 ]

@@ -221,8 +221,9 @@ class TinyVAE:
     """Latent (any channel count, image or video) <-> RGB by a fixed random channel mix; no up/downsampling in
     decode, ``downscale`` x area resize in encode."""
 
-    def __init__(self, channels: int, downscale: int = 8, seed: int = 0):
+    def __init__(self, channels: int, downscale: int = 8, seed: int = 0, video: bool = False):
         self.latent_channels = int(channels)
+        self.video = bool(video)
         self.downscale_ratio = self.upscale_ratio = int(downscale)
         self.output_channels = 3
         self.vae_dtype = torch.float32
@@ -255,7 +256,8 @@ class TinyVAE:
         x = pixels[..., :3].float().cpu().movedim(-1, 1)
         h, w = max(1, x.shape[-2] // self.downscale_ratio), max(1, x.shape[-1] // self.downscale_ratio)
         x = F.interpolate(x * 2 - 1, size=(h, w), mode="area")
-        return torch.einsum("cr,brhw->bchw", torch.linalg.pinv(self.mix), x)
+        latent = torch.einsum("cr,brhw->bchw", torch.linalg.pinv(self.mix), x)
+        return latent[:, :, None] if self.video else latent
 
 
 class TinyFamilyModelNode(io.ComfyNode):
@@ -320,13 +322,16 @@ class TinyVAENode(io.ComfyNode):
                 io.Int.Input("downscale", default=8, min=1, max=64, tooltip="Pixel-to-latent scale for encode."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
                              tooltip="Seed of the channel mix."),
+                io.Boolean.Input("video", default=False, optional=True,
+                                 tooltip="Encode images as one-frame video latents [B, C, 1, h, w] (Wan-VAE "
+                                         "families: Qwen-Image, Wan)."),
             ],
             outputs=[io.Vae.Output(display_name="vae", tooltip="The tiny VAE.")],
         )
 
     @classmethod
-    def execute(cls, channels, downscale, seed) -> io.NodeOutput:
-        return io.NodeOutput(TinyVAE(channels, downscale, seed))
+    def execute(cls, channels, downscale, seed, video=False) -> io.NodeOutput:
+        return io.NodeOutput(TinyVAE(channels, downscale, seed, video))
 
 
 DEV_NODES: list[type[io.ComfyNode]] = [TinyFamilyModelNode, TinyTextEncoderNode, TinyVAENode]

@@ -153,7 +153,7 @@ def predict_nodes(tag, model_ref):
 
 
 def read_latent(comfy_base, tag):
-    files = sorted((comfy_base / "output" / "cmp_matrix").glob(f"{tag}_*.latent"))
+    files = sorted((comfy_base / "output" / "cmp_matrix").glob(f"{tag}_[0-9][0-9][0-9][0-9][0-9]_.latent"))
     assert files, f"no latent saved for {tag}"
     return load_file(str(files[-1]))["latent_tensor"]
 
@@ -249,3 +249,94 @@ def test_3d_shape_family_is_refused_with_its_name_and_reason(comfy, comfy_base, 
     assert "3D shapes" in text and "Model families" in text, text[-1500:]
     assert not (comfy_base / "models" / "loras" / "branchgrpo" / "matrix_refused_3d.safetensors").exists()
     assert not (comfy_base / "output" / "branchgrpo" / "matrix_refused_3d").exists()
+
+
+# --------------------------------------------------------------------------- image-conditioned (edit) models
+EDIT = {  # family -> (Family, whether the VAE encodes one-frame video latents)
+    "kontext": (Family("kontext", "Flux", "dev:flux", (32, 8, 32, False), ("tiny", 16), SD3_LATENT), False),
+    "qwen_image_edit": (Family("qwen_image_edit", "QwenImage", "dev:qwen_image", (32, 8, 0, False), ("tiny", 16),
+                               _empty("EmptyHunyuanLatentVideo", width=64, height=64, length=1)), True),
+}
+INSTRUCTIONS = "make it red\nmake it blue"
+
+
+def edit_nodes(models, fam: Family, video: bool) -> dict:
+    g = family_nodes(models, fam)
+    g["vae"]["inputs"]["video"] = video
+    g["img_a"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                         "color": 0x2040C0}}
+    g["img_b"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                         "color": 0xC08020}}
+    g["images"] = {"class_type": "ImageBatch", "inputs": {"image1": ["img_a", 0], "image2": ["img_b", 0]}}
+    g["edit"] = {"class_type": "BranchGRPOEditPrompts", "inputs": {
+        "clip": ["clip", 0], "vae": ["vae", 0], "images": ["images", 0], "instructions": INSTRUCTIONS}}
+    return g
+
+
+def stock_reference_predict(tag, model_ref):
+    """CLIPTextEncode(plain CLIP) -> stock ReferenceLatent(VAEEncode(first image)) -> KSampler -> SaveLatent."""
+    nodes = predict_nodes(tag, model_ref)
+    nodes[f"pos_{tag}"]["inputs"]["text"] = "make it red"
+    nodes[f"enc_{tag}"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["img_a", 0], "vae": ["vae", 0]}}
+    nodes[f"ref_{tag}"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [f"pos_{tag}", 0],
+                                                                       "latent": [f"enc_{tag}", 0]}}
+    for k in ("positive", "negative"):
+        nodes[f"ks_{tag}"]["inputs"][k] = [f"ref_{tag}", 0]
+    return nodes
+
+
+@pytest.mark.parametrize("name", list(EDIT))
+def test_edit_model_trains_with_reference_images(comfy, comfy_base, family_models, name):
+    """(image, instruction) pairs: the Trainer's conditioning carries each instruction's reference latent
+    exactly as the stock ReferenceLatent node adds it; the trained model is reproduced by the stock LoRA
+    loader under stock reference conditioning; the reference changes the prediction and the training."""
+    fam, video = EDIT[name]
+    run, lora_name = f"edit_{name}", f"branchgrpo/edit_{name}"
+    g = training_graph(family_models, fam, run, lora_name)
+    g.update({k: v for k, v in edit_nodes(family_models, fam, video).items() if k not in g})
+    g["vae"]["inputs"]["video"] = video
+    g["trainer"]["inputs"].update({"clip": ["edit", 0], "prompts": ["edit", 1]})
+    g.update(stock_reference_predict(f"{name}_trained", ["trainer", 0]))
+    g.update(stock_reference_predict(f"{name}_base", ["unet", 0]))
+    g.update(predict_nodes(f"{name}_base_noref", ["unet", 0]))  # no reference image
+    g[f"pos_{name}_base_noref"]["inputs"]["text"] = "make it red"
+    g.update(predict_nodes(f"{name}_trained_wrapped", ["trainer", 0]))  # the node's CLIP, no ReferenceLatent
+    g[f"pos_{name}_trained_wrapped"]["inputs"].update({"text": "make it red", "clip": ["edit", 0]})
+    assert comfy.run(g, timeout=600)["status"]["status_str"] == "success"
+    lat = {t: read_latent(comfy_base, f"{name}_{t}") for t in ("trained", "base", "base_noref", "trained_wrapped")}
+    assert float((lat["trained"] - lat["trained_wrapped"]).abs().max()) < 1e-6  # same conditioning as stock
+    assert float((lat["base"] - lat["base_noref"]).abs().max()) > 1e-4  # the reference acts on the model
+    assert float((lat["trained"] - lat["base"]).abs().max()) > 1e-4
+
+    # stock loaders reproduce the trained model under stock reference conditioning, every key consumed
+    log1 = _log_size(comfy)
+    g2 = edit_nodes(family_models, fam, video)
+    g2["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": f"{lora_name}.safetensors", "strength_model": 1.0}}
+    g2.update(stock_reference_predict(f"{name}_stock", ["lora", 0]))
+    assert comfy.run(g2, timeout=300)["status"]["status_str"] == "success"
+    assert "lora key not loaded" not in _log_since(comfy, log1)
+    stock = read_latent(comfy_base, f"{name}_stock")
+    assert float((lat["trained"] - stock).abs().max()) < 1e-5
+
+    # the same run without reference images trains another LoRA
+    g3 = training_graph(family_models, fam, run + "_noref", lora_name + "_noref")
+    g3["prompts"]["inputs"]["prompts"] = INSTRUCTIONS
+    assert comfy.run(g3, timeout=600)["status"]["status_str"] == "success"
+    with_ref, without = (load_file(str(comfy_base / "models" / "loras" / f"{n}.safetensors"))
+                         for n in (lora_name, lora_name + "_noref"))
+    assert set(with_ref) == set(without)
+    assert max(float((with_ref[k] - without[k]).abs().max()) for k in with_ref) > 1e-6
+
+
+def test_edit_prompts_need_one_image_per_distinct_instruction(comfy, comfy_base, family_models):
+    fam, video = EDIT["kontext"]
+    g = edit_nodes(family_models, fam, video)
+    g["edit"]["inputs"]["instructions"] = "make it red\nmake it blue\nmake it green"
+    g["out"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["edit", 0]}}
+    g["ks"] = predict_nodes("edit_bad", ["unet", 0])["ks_edit_bad"]
+    g["ks"]["inputs"].update({"positive": ["out", 0], "negative": ["out", 0]})
+    g["sl"] = {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": "cmp_matrix/edit_bad"}}
+    with pytest.raises(ComfyExecutionError) as err:
+        comfy.run(g, timeout=300)
+    assert "Edit Prompts (reference images): images — 2 image(s) for 3 instruction(s)" in str(err.value)

@@ -368,3 +368,37 @@ def test_plan_picks_defaults_from_the_budget(pk):
     assert mpol.plan(budget=24 * gb, weights=gb, latent_shape=(4,), max_batch=16, reward=Reward()).reward_batch == 4
     with pytest.raises(ValueError, match="base_weights"):
         mpol.plan(budget=gb, weights=gb, latent_shape=(4,), max_batch=1, base_weights="fp4")
+
+
+def test_each_prompt_is_encoded_once_per_run_and_the_text_encoder_released(pk):
+    """Conditioning is cached across iterations: the CLIP encodes each prompt once; then its patcher is released."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from branchgrpo.lora import LoRAConfig
+    from branchgrpo.trainer import BranchGRPOTrainer
+    cm, demo, mpol = pk["comfy_model"], pk["demo_model"], pk["memory_policy"]
+    mp, names = demo.build_demo_model()
+    encoded = []
+
+    class Clip(demo.DemoTextEncoder):
+        def encode_from_tokens_scheduled(self, tokens, **kwargs):
+            encoded.append(tokens)
+            return super().encode_from_tokens_scheduled(tokens, **kwargs)
+
+    clip = Clip(names)
+    clip.patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=mm.get_torch_device(),
+                                                    offload_device=mm.unet_offload_device())
+    mm.load_models_gpu([clip.patcher])
+    prompts = ["red circle", "blue triangle", "green square"]
+    with torch.inference_mode(False), torch.enable_grad():
+        mpl, lora = cm.attach_lora(mp, LoRAConfig(rank=2, alpha=2.0), seed=0, device=mp.load_device)
+        flow = cm.ComfyFlowModel(mpl, (3, 16, 16), clip=clip, seed=0)
+        flow.add_prompts(prompts)
+        assert mpol.is_loaded(clip.patcher)
+        assert mpol.release(mpol.patchers_of(clip)) == 1 and not mpol.is_loaded(clip.patcher)
+        trainer = BranchGRPOTrainer(flow, lora, prompts, [_colorfulness()], demo.DemoVAE(16).decode,
+                                    _config(3, prompts=2), (3, 16, 16))
+        with flow.session(16):
+            trainer.train()
+    assert len(encoded) == len(prompts)  # 3 iterations x 2 prompts, every prompt encoded once
+    assert not mpol.is_loaded(clip.patcher)
