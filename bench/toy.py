@@ -2,6 +2,8 @@
 
     python -m bench.toy --out results.json            # full: all presets, 3 seeds
     python -m bench.toy --out quick.json --quick      # under 2 minutes
+    python -m bench.toy --race --out bench/race.json  # every preset on the same clock (bench/race.py)
+    python -m bench.toy --race --quick --out q.json   # three presets, one seed, under 3 minutes
 
 For each preset and seed: a fresh LoRA on the pre-trained toy flow transformer (bench/pretrain.py),
 trained against DDPO's JPEG-compressibility reward for a fixed number of iterations with the same
@@ -133,19 +135,42 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="", help="comma-separated subset of presets")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--prompts", type=int, default=2, help="prompts (trees) per iteration")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts (trees) per iteration (default 2; race 1)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--edges-per-step", type=int, default=0)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-train-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    race = ap.add_argument_group("the race (--race): every preset on the same wall-clock budget")
+    race.add_argument("--race", action="store_true", help="race the presets to the reward (bench/race.py)")
+    race.add_argument("--budget", type=float, default=None, help="training seconds per run (race; default 150, quick 12)")
+    race.add_argument("--evals", type=int, default=None, help="evaluations per run, evenly spaced (default 10, quick 3)")
+    race.add_argument("--eval-seeds", type=int, default=4, help="ODE samples per held-out prompt")
+    race.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluation sampler")
+    race.add_argument("--reward", default="colorfulness",
+                      help="colorfulness (default), jpeg_compressibility, brightness, saturation or contrast")
+    race.add_argument("--png", default="", help="curve image (default: --out with .png)")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="checkpoint every transformer block in the update: the regime FLUX-size training runs in "
                          "(and the Trainer's default for models over 1 GB); --no-gradient-checkpointing turns it off")
     args = ap.parse_args(argv)
+    args.prompts_set = args.prompts is not None
+    if args.prompts is None:
+        args.prompts = 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.race:
+        if not args.threads:  # one thread: on a shared CPU two threads of a small model mostly wait on each other
+            torch.set_num_threads(1)
+        from bench import race
+        args.budget = args.budget or (6.0 if args.quick else 100.0)
+        args.evals = args.evals or (3 if args.quick else 5)
+        if args.prompts_set is False:
+            args.prompts = 1
+        if args.quick:
+            args.eval_seeds = min(args.eval_seeds, 4)
+        return race.run(args)
     names = tuple(n for n in args.presets.split(",") if n) or (QUICK_PRESETS if args.quick else PRESET_ORDER)
     iterations = args.iterations or (3 if args.quick else 20)
     seeds = args.seeds or (1 if args.quick else 3)
