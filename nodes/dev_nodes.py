@@ -1,8 +1,8 @@
 """Development nodes: tiny random-weight stand-ins for one flow-model family's model, text encoder and VAE.
 
 Registered only when the environment variable ``BRANCHGRPO_DEV_NODES=1`` is set (``nodes/__init__.py``; the
-test server sets it); a normal ComfyUI never lists them. They exist so that every flow family ComfyUI 0.3.75 supports can be
-trained end to end on a CPU in seconds:
+test server sets it); a normal ComfyUI never lists them. They exist so that every flow family ComfyUI 0.3.75
+supports can be trained end to end on a CPU in seconds:
 
 * **Tiny Family Model**: builds ``model_base.<Family>`` from ComfyUI's own model config class
   (``comfy.supported_models.<Config>``) with a tiny ``unet_config`` (one block per block list, hidden 64-128),

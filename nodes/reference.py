@@ -91,7 +91,9 @@ class EditPromptsNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, instructions, **kwargs):
+    def validate_inputs(cls, instructions=None, **kwargs):
+        if instructions is None:  # linked from another node: checked when it runs
+            return True
         items = [ln.strip() for ln in str(instructions).splitlines()]
         items = [ln for ln in items if ln and not ln.startswith("#")]
         if not items:
@@ -105,6 +107,9 @@ class EditPromptsNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, vae, images, instructions) -> io.NodeOutput:
+        checked = cls.validate_inputs(instructions)
+        if checked is not True:
+            raise ValueError(checked)
         items = [ln.strip() for ln in instructions.splitlines()]
         items = [ln for ln in items if ln and not ln.startswith("#")]
         if images.shape[0] != len(items):
