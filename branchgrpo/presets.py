@@ -165,7 +165,7 @@ PRESETS: dict[str, Callable[[], TrainerConfig]] = {
     "branchgrpo-mix": _branchgrpo_mix,
     "tempflow-grpo": _tempflow,
     "flowgrpo-fast": _flowgrpo_fast,
-    "diffusionnft": _flat_forward(_nft, 10),
+    "diffusionnft": _flat_forward(_nft, 10, global_std=True),
     "awm": _flat_forward(_awm, 14, global_std=True),
     "dgpo": _flat_forward(_dgpo, 10),
     "branch-nft": _branch_forward(_nft),
