@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -65,8 +64,8 @@ def rendered(tmp_path_factory):
     d = tmp_path_factory.mktemp("plot")
     (d / "cases.json").write_text(json.dumps(cases))
     (d / "render.py").write_text(SCRIPT)
-    proc = subprocess.run([str(VENV_PYTHON), str(d / "render.py"), str(REPO_ROOT), str(COMFY_DIR), str(d / "cases.json")],
-                          capture_output=True, text=True, timeout=300)
+    cmd = [str(VENV_PYTHON), str(d / "render.py"), str(REPO_ROOT), str(COMFY_DIR), str(d / "cases.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
