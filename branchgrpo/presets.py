@@ -174,6 +174,23 @@ PRESETS: dict[str, Callable[[], TrainerConfig]] = {
 }
 
 
+METHODS: dict[str, Callable[[], ObjectiveConfig]] = {
+    "ppo": ObjectiveConfig,
+    "diffusionnft": _nft,
+    "awm": _awm,
+    "dgpo": _dgpo,
+}
+"""Each objective with its official defaults (what the presets above use)."""
+
+
+def method(name: str) -> ObjectiveConfig:
+    """A fresh :class:`~branchgrpo.objectives.ObjectiveConfig` of ``name`` with its official defaults."""
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
 def preset(name: str, **overrides) -> TrainerConfig:
     """A fresh config for ``name``; top-level fields can be overridden by keyword."""
     try:

@@ -9,6 +9,7 @@ from .demo_model import DemoModelLoaderNode
 from .dev_nodes import DEV_NODES as FAMILY_DEV_NODES
 from .export_config import ExportRunConfigNode
 from .lora_io import SaveLoRANode
+from .method import MethodNode
 from .plot import MetricsPlotNode
 from .reference import EditPromptsNode
 from .rewards import REWARD_NODES
@@ -22,7 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, TrainerSettingsNode,
     SaveLoRANode, EditPromptsNode,
     MetricsPlotNode, *REWARD_NODES,
-    ExportRunConfigNode, DemoModelLoaderNode,
+    ExportRunConfigNode, DemoModelLoaderNode, MethodNode,
 ]
 #: Test fixtures, not for users' menus: registered only when the server runs with BRANCHGRPO_DEV_NODES=1
 #: (the test suite's ComfyUI server sets it).

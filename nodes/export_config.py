@@ -21,6 +21,7 @@ import folder_paths
 from branchgrpo.advantage import AdvantageConfig
 from branchgrpo.config_file import (DEFAULT_LORA_TARGETS, RUN_NAME, ConfigError, dump_config, parse_config,
                                     write_text_atomic)
+from branchgrpo.objectives import ObjectiveConfig
 from branchgrpo.pruning import PruningConfig
 from branchgrpo.rewards.registry import MODEL_REWARDS
 from branchgrpo.rewards.weight_free import WEIGHT_FREE_REWARDS
@@ -28,6 +29,7 @@ from branchgrpo.schedule import BranchSchedule
 
 from . import inputs
 from . import types as T
+from .method import Method
 
 NODE = "BranchGRPO Export Run Config"
 FROM_FOLDER = "(from the diffusers folder)"
@@ -143,6 +145,8 @@ class ExportRunConfigNode(io.ComfyNode):
                                  "splits 0,3,6,9, K=2)."),
                 T.Advantage.Input("advantage", optional=True, tooltip="Advantage settings (default: tree, mean)."),
                 T.Pruning.Input("pruning", optional=True, tooltip="Pruning settings (default: none)."),
+                Method.Input("method", optional=True, tooltip="What each rollout trains, from a Method node "
+                             "(default: ppo); written as the config's [objective] section."),
                 inputs.settings_input("Expert settings from a Trainer Settings node: PPO clip, KL, optimizer steps, "
                                       "batching, CFG and FLUX guidance, as the Trainer uses them (gradient "
                                       "checkpointing 'auto' = on). Unconnected: every default."),
@@ -199,7 +203,7 @@ class ExportRunConfigNode(io.ComfyNode):
                 learning_rate=inputs.LEARNING_RATE.default, lora_rank=inputs.LORA_RANK.default,
                 lora_alpha=inputs.LORA_ALPHA.default, seed=inputs.SEED.default,
                 lora_targets=",".join(DEFAULT_LORA_TARGETS), settings=None, dtype="auto", fsdp=False,
-                nproc_per_node=8) -> io.NodeOutput:
+                nproc_per_node=8, method=None) -> io.NodeOutput:
         s = inputs.TrainerSettings.of(settings)
         if not RUN_NAME.match(name or ""):
             raise ValueError(cls.validate_inputs(name=name))
@@ -240,6 +244,7 @@ class ExportRunConfigNode(io.ComfyNode):
             "schedule": dataclasses.asdict(schedule or BranchSchedule()),
             "advantage": adv,
             "pruning": dataclasses.asdict(pruning or PruningConfig()),
+            "objective": dataclasses.asdict(method or ObjectiveConfig()),
             "optim": {"learning_rate": float(learning_rate), "clip_range": float(s.clip_range),
                       "kl_beta": float(s.kl_beta), "max_grad_norm": float(s.max_grad_norm),
                       "edges_per_step": int(s.edges_per_step), "max_train_batch": int(s.max_train_batch)},

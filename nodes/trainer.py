@@ -16,6 +16,7 @@ import comfy.utils
 import folder_paths
 from branchgrpo.advantage import AdvantageConfig
 from branchgrpo.loss import OptimConfig
+from branchgrpo.objectives import ObjectiveConfig
 from branchgrpo.lora import LoRAConfig, select_linear
 from branchgrpo.pruning import PruningConfig
 from branchgrpo.rewards.base import Reward
@@ -26,6 +27,7 @@ from . import inputs, memory_policy
 from . import types as T
 from .comfy_model import ComfyFlowModel, attach_lora, model_family, require_flow_model
 from .comfy_model import gradient_checkpointing as checkpointing_blocks
+from .method import Method
 from .preview import PREVIEW_MAX_SIZE, PreviewKeeper
 
 log = logging.getLogger("BranchGRPO")
@@ -107,9 +109,12 @@ class ComfyProgress(Callback):
                                   ("JPEG", image, PREVIEW_MAX_SIZE) if image is not None else None)
         _send("branchgrpo.metrics", {"node": self.node_id, "run": self.run_name, "iteration": iteration,
                                      "total": self.total, "metrics": _jsonable(metrics), "tree": self.tree_view})
-        log.info("BranchGRPO %s it %d/%d reward %.4f (best %.4f worst %.4f) loss %.3g %.1fs", self.run_name,
-                 iteration, self.total, metrics["reward_mean"], metrics["reward_max"], metrics["reward_min"],
-                 metrics["loss"], metrics["time_total"])
+        held = f" held-out {metrics['eval_reward']:.4f}" if "eval_reward" in metrics else ""
+        log.info("BranchGRPO %s it %d/%d reward %.4f (best %.4f worst %.4f, spread in trees %.3g)%s KL %.3g "
+                 "grad norm %.3g %.1fs", self.run_name, iteration, self.total, metrics["reward_mean"],
+                 metrics["reward_max"], metrics["reward_min"], metrics.get("reward_spread", float("nan")), held,
+                 metrics.get("kl_ref", metrics.get("kl", float("nan"))), metrics.get("grad_norm", float("nan")),
+                 metrics["time_total"])
 
 
 def estimate_memory(model_patcher, latent_shape, schedule: BranchSchedule, prompts_per_iteration: int,
@@ -162,6 +167,9 @@ class TrainerNode(io.ComfyNode):
                                  "20 steps, splits 0,3,6,9, K=2)."),
                 T.Advantage.Input("advantage", optional=True, tooltip="Advantage settings (default: tree, mean)."),
                 T.Pruning.Input("pruning", optional=True, tooltip="Pruning settings (default: none)."),
+                Method.Input("method", optional=True, tooltip="What each rollout trains, from a Method node "
+                             "(default: ppo, BranchGRPO's update on the stochastic edges; diffusionnft, awm and "
+                             "dgpo train on the leaves' clean images)."),
                 inputs.settings_input(),
                 inputs.RUN_NAME.input(optional=True),
                 inputs.RESUME.input(optional=True),
@@ -184,7 +192,7 @@ class TrainerNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, prompts, reward, latent, iterations, prompts_per_iteration, learning_rate,
                 lora_rank, lora_alpha, seed, schedule=None, advantage=None, pruning=None, settings=None,
-                run_name=inputs.RUN_NAME.default, resume=inputs.RESUME.default) -> io.NodeOutput:
+                run_name=inputs.RUN_NAME.default, resume=inputs.RESUME.default, method=None) -> io.NodeOutput:
         s = inputs.TrainerSettings.of(settings)
         # ---------------------------------------------------------- validation (before any compute)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
@@ -206,6 +214,7 @@ class TrainerNode(io.ComfyNode):
         targets = tuple(t.strip() for t in s.lora_targets.split(",") if t.strip()) or ("*",)
         config = TrainerConfig(
             schedule=schedule, advantage=advantage or AdvantageConfig(), pruning=pruning or PruningConfig(),
+            objective=method or ObjectiveConfig(),
             optim=OptimConfig(learning_rate=learning_rate, clip_range=s.clip_range, kl_beta=s.kl_beta,
                               edges_per_step=s.edges_per_step, max_grad_norm=s.max_grad_norm,
                               max_train_batch=s.max_train_batch),
@@ -337,7 +346,7 @@ def check_lora_savers(prompt, node_id) -> None:
 
 
 SECTION_NODES = {"schedule": "Branch Schedule", "advantage": "Tree Advantage", "pruning": "Pruning",
-                 "optim": "Trainer / Trainer Settings", "objective": "Trainer Settings"}
+                 "optim": "Trainer / Trainer Settings", "objective": "Method"}
 
 
 def config_differences(saved: dict, current: dict, ignore=(), prefix: str = "") -> list[tuple[str, object, object]]:
