@@ -5,8 +5,8 @@ Every preset trains the same pre-trained toy DiT (``demo/tiny_t2i.safetensors``)
 prompts per iteration and batch limits, for the same budget of training seconds; presets run
 interleaved seed by seed, so machine noise hits them alike. The training clock stops during
 evaluations. Every ``budget / evals`` training seconds the run is evaluated the same way for every
-method: the reward of Euler-ODE samples (20 steps, no SDE noise) of held-out prompts (classes never
-trained on) from fixed seeds. So an SDE method is not judged by its own noisy rollouts.
+method: the reward of Euler-ODE samples (``--eval-steps``, no SDE noise) of held-out prompts (classes
+never trained on) from fixed seeds. So an SDE method is not judged by its own noisy rollouts.
 
 Per preset: the time to reach ``dancegrpo``'s final evaluation reward (mean over seeds), as a ratio to
 ``dancegrpo``'s own time (both read on the seed-mean curve); the final reward and its std over seeds;

@@ -144,10 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     race = ap.add_argument_group("the race (--race): every preset on the same wall-clock budget")
     race.add_argument("--race", action="store_true", help="race the presets to the reward (bench/race.py)")
-    race.add_argument("--budget", type=float, default=None, help="training seconds per run (race; default 150, quick 12)")
-    race.add_argument("--evals", type=int, default=None, help="evaluations per run, evenly spaced (default 10, quick 3)")
+    race.add_argument("--budget", type=float, default=None, help="training seconds per run (race; default 60, quick 6)")
+    race.add_argument("--evals", type=int, default=None, help="evaluations per run, evenly spaced (default 4, quick 3)")
     race.add_argument("--eval-seeds", type=int, default=4, help="ODE samples per held-out prompt")
-    race.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluation sampler")
+    race.add_argument("--eval-steps", type=int, default=10, help="Euler steps of the evaluation sampler")
     race.add_argument("--reward", default="colorfulness",
                       help="colorfulness (default), jpeg_compressibility, brightness, saturation or contrast")
     race.add_argument("--png", default="", help="curve image (default: --out with .png)")
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
         if not args.threads:  # one thread: on a shared CPU two threads of a small model mostly wait on each other
             torch.set_num_threads(1)
         from bench import race
-        args.budget = args.budget or (6.0 if args.quick else 100.0)
-        args.evals = args.evals or (3 if args.quick else 5)
+        args.budget = args.budget or (6.0 if args.quick else 60.0)
+        args.evals = args.evals or (3 if args.quick else 4)
         if args.prompts_set is False:
             args.prompts = 1
         if args.quick:
