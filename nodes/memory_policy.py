@@ -221,5 +221,6 @@ def plan(*, budget: int, weights: int, latent_shape, max_batch: int, vae=None, r
                       release_text_encoders=release, release_after_phase=release)
 
 
-__all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patchers_of", "ReleaseAfterPhase", "with_base_dtype",
+__all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patchers_of", "ReleaseAfterPhase",
+           "with_base_dtype",
            "BASE_WEIGHT_CHOICES", "FP8"]

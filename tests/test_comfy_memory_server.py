@@ -9,7 +9,7 @@ from test_comfy_training import models, predict_nodes, read_latent, training_gra
 pytestmark = pytest.mark.comfy
 
 
-def test_fp8_base_with_release_trains_and_the_lora_fits_the_full_precision_model(comfy, comfy_base, models):  # noqa: F811
+def test_fp8_base_with_release_trains_and_the_lora_fits_the_full_model(comfy, comfy_base, models):  # noqa: F811
     graph = training_graph(models, "fp8_release", lora_file="branchgrpo/fp8_lora",
                            extra=predict_nodes("fp8_trained", ["trainer", 0]))
     graph["trainer_settings"]["inputs"].update({"base_weights": "fp8_e4m3fn", "release_models": "on"})
