@@ -1,0 +1,316 @@
+"""The Trainer's memory prediction for a ComfyUI model: probes of one model call under ``FakeTensorMode``.
+
+Nothing here runs arithmetic on the real model. A *twin* of the diffusion model is built from the MODEL's own
+``model_config`` (same class, widths and weight dtypes; fp8 stays fp8) under ``FakeTensorMode`` with 1 or 2
+blocks per block list, the LoRA is attached through the same weight wrappers as in training, and one model
+call of each kind runs through ComfyUI's ``sampling_function`` while :class:`branchgrpo.memory.LiveTensors`
+follows every tensor it creates:
+
+* the rollout: one no-grad call of ``max_batch`` latents;
+* the update: one forward + backward of ``max_train_batch`` parents, with the run's gradient checkpointing.
+
+The transient bytes of the full depth are extrapolated from the depths probed (exact when every block of a
+list has the same shapes); the weights are the real model's, by dtype. The VAE decode is probed the same way
+(its real weights, fake inputs, no gradients). :func:`branchgrpo.memory.plan_run` assembles the phases.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import comfy.model_patcher
+import comfy.sampler_helpers
+import comfy.samplers
+
+from branchgrpo.lora import LoRAConfig, select_linear
+from branchgrpo.memory import (LiveTensors, RunMemory, SavedTensors, extrapolate_depth, module_bytes,
+                               planned_tree_bytes, plan_run)
+
+from .comfy_model import attach_lora, gradient_checkpointing
+
+CPU = torch.device("cpu")
+
+
+def block_lists(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+    """The transformer's block lists (the ModuleLists that gradient checkpointing wraps)."""
+    return {name: child for name, child in diffusion_model.named_children()
+            if isinstance(child, torch.nn.ModuleList) and len(child) > 0}
+
+
+def truncate_blocks(diffusion_model: torch.nn.Module, keep: Sequence[int]) -> None:
+    """Keep ``keep[i]`` blocks of the i-th block list: the first ``keep - 1`` and the last (some families
+    build their last block differently, e.g. SD3's context stream ends in a pre-only block)."""
+    for (name, blocks), n in zip(block_lists(diffusion_model).items(), keep):
+        n = max(1, min(int(n), len(blocks)))
+        kept = list(blocks)[:n - 1] + [blocks[len(blocks) - 1]]
+        setattr(diffusion_model, name, torch.nn.ModuleList(kept))
+
+
+def text_dims(diffusion_model: torch.nn.Module) -> tuple[int, int | None]:
+    """(context width, pooled width or None) the diffusion model takes."""
+    dm = diffusion_model
+    for path in ("txt_in", "context_embedder", "text_embedding.0", "cap_embedder.1"):
+        m = dm.get_submodule(path) if _has(dm, path) else None
+        if isinstance(m, torch.nn.Linear):
+            ctx = m.in_features
+            break
+    else:
+        ctx = 4096
+    pooled = None
+    for path in ("vector_in.in_layer", "y_embedder.mlp.0"):
+        m = dm.get_submodule(path) if _has(dm, path) else None
+        if isinstance(m, torch.nn.Linear):
+            pooled = m.in_features
+            break
+    return ctx, pooled
+
+
+def _has(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def random_conditioning(diffusion_model: torch.nn.Module, tokens: int, guidance: float | None = 3.5,
+                        generator: torch.Generator | None = None) -> list:
+    """A CONDITIONING of the real shape (``[1, tokens, context]`` + pooled + guidance) with random values:
+    what the text encoders would give, without running them."""
+    ctx, pooled = text_dims(diffusion_model)
+    extra: dict[str, Any] = {}
+    if pooled is not None:
+        extra["pooled_output"] = torch.randn(1, pooled, generator=generator)
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(1, tokens, ctx, generator=generator), extra]]
+
+
+def conditioning_bytes(diffusion_model: torch.nn.Module, tokens: int, prompts: int) -> int:
+    ctx, pooled = text_dims(diffusion_model)
+    return prompts * 4 * (tokens * ctx + (pooled or 0))
+
+
+def lora_param_count(diffusion_model: torch.nn.Module, lora_cfg: LoRAConfig) -> int:
+    return sum(lora_cfg.rank * (m.in_features + m.out_features) for _, m in select_linear(diffusion_model, lora_cfg))
+
+
+class SamplingCall:
+    """The model call the Trainer makes (``comfy.samplers.sampling_function``, CFG 1), without ComfyUI's model
+    management: on a twin there is nothing to load. The LoRA's weight wrappers are installed as a full load
+    installs them."""
+
+    def __init__(self, model_patcher, conditioning: list, latent_shape: Sequence[int], seed: int = 0):
+        self.mp = model_patcher
+        dm = model_patcher.model.diffusion_model
+        self._restore = []
+        for name, m in dm.named_modules():
+            if hasattr(m, "weight_function"):
+                self._restore.append((m, m.weight_function))
+                m.weight_function = list(model_patcher.weight_wrapper_patches.get(f"diffusion_model.{name}.weight", []))
+        self._restore_patcher = model_patcher.model.current_patcher
+        model_patcher.model.current_patcher = model_patcher
+        self.options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
+        conds = {"positive": comfy.sampler_helpers.convert_cond(conditioning)}
+        zeros = torch.zeros((1, *latent_shape))
+        self.positive = comfy.samplers.process_conds(model_patcher.model, zeros, conds, CPU, zeros, None,
+                                                     seed)["positive"]
+        self.seed = seed
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        denoised = comfy.samplers.sampling_function(self.mp.model, x, sigma, None, self.positive, 1.0,
+                                                    self.options, self.seed)
+        return (x.float() - denoised.float()) / sigma.float().view((-1,) + (1,) * (x.dim() - 1))
+
+    def close(self) -> None:
+        """Put back the layers' weight functions (needed when the probe ran on a real model)."""
+        for m, fns in self._restore:
+            m.weight_function = fns
+        self.mp.model.current_patcher = self._restore_patcher
+        self._restore = []
+
+
+def fake_twin(model_patcher, keep: Sequence[int] | None, mode: FakeTensorMode):
+    """A ModelPatcher over a fake copy of ``model_patcher``'s diffusion model (same config and dtypes),
+    truncated to ``keep`` blocks per list. Call inside ``mode``."""
+    base = model_patcher.model.model_config.get_model({})
+    if keep is not None:
+        truncate_blocks(base.diffusion_model, keep)
+    return comfy.model_patcher.ModelPatcher(base, load_device=CPU, offload_device=CPU)
+
+
+def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig, *, rollout_batch: int,
+                train_batch: int, checkpointing: bool, text_tokens: int = 512, guidance: float | None = 3.5,
+                metrics_batch: int = 0,
+                keep: Sequence[int] | None = None, count_saved: bool = False, fake: bool = True) -> dict:
+    """Transient bytes of one rollout call and of one update chunk on a fake twin (no arithmetic); with
+    ``fake=False`` the same calls on the model itself, computed (the measurement the sizing is checked against)."""
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    with torch.inference_mode(False), mode:
+        twin = fake_twin(model_patcher, keep, mode) if fake else model_patcher
+        dm = twin.model.diffusion_model
+        frozen = list(twin.model.parameters()) + list(twin.model.buffers())
+        mp, lora = attach_lora(twin, lora_cfg, seed=0, device=CPU)
+        call = SamplingCall(mp, random_conditioning(dm, text_tokens, guidance), latent_shape)
+        out: dict[str, Any] = {"blocks": [len(b) for b in block_lists(dm).values()]}
+        x = torch.randn(max(rollout_batch, metrics_batch), *latent_shape)
+        live = LiveTensors()
+        with live, torch.no_grad():
+            v = call(x[:rollout_batch], torch.full((rollout_batch,), 0.5))
+        del v
+        out["rollout_call"] = live.peak
+        out["metrics_call"] = 0
+        if metrics_batch:
+            live = LiveTensors()
+            with live, torch.no_grad():
+                v = call(x[:metrics_batch], torch.full((metrics_batch,), 0.5))
+                v_ref = call(x[:metrics_batch], torch.full((metrics_batch,), 0.5))
+            del v, v_ref
+            out["metrics_call"] = live.peak
+        x = torch.randn(train_batch, *latent_shape)
+        live = LiveTensors()
+        saved = SavedTensors(exclude=frozen)
+        if count_saved:
+            saved.label_blocks(block_lists(dm))
+        with gradient_checkpointing(mp, checkpointing), live, (saved if count_saved else contextlib.nullcontext()):
+            v = call(x, torch.full((train_batch,), 0.5))
+            loss = v.float().pow(2).mean()
+            loss.backward()
+            del v, loss
+        out["update_chunk"] = live.peak
+        call.close()
+        if count_saved:
+            out["saved_total"] = saved.total
+            out["saved_per_block"] = saved.per_list()
+            out["saved_other"] = saved.per_block.get("other", 0)
+    return out
+
+
+def probe_depths(full: Sequence[int]) -> list[tuple[int, ...]]:
+    """The depths probed: one block per list, then one more in each list alone (lists of one block stay)."""
+    base = tuple(min(1, f) for f in full)
+    depths = [base]
+    for i, f in enumerate(full):
+        if f > base[i]:
+            depths.append(tuple(b + (1 if j == i else 0) for j, b in enumerate(base)))
+    return depths
+
+
+def probe_full_depth(model_patcher, latent_shape, lora_cfg: LoRAConfig, **kwargs) -> dict:
+    """:func:`probe_calls` at the depths of :func:`probe_depths`, extrapolated to the model's full depth."""
+    full = tuple(len(b) for b in block_lists(model_patcher.model.diffusion_model).values())
+    probes = {d: probe_calls(model_patcher, latent_shape, lora_cfg, keep=d, **kwargs) for d in probe_depths(full)}
+    out = {"depths": {str(d): {k: v for k, v in p.items() if k != "blocks"} for d, p in probes.items()},
+           "full_depth": list(full)}
+    for key in ("rollout_call", "update_chunk", "metrics_call"):
+        out[key] = int(round(extrapolate_depth({d: p[key] for d, p in probes.items()}, full)))
+    return out
+
+
+def vae_probe(vae, latent_shape: Sequence[int], batch: int) -> dict:
+    """Weights and the transient bytes of decoding ``batch`` latents with the VAE (its real weights, fake
+    inputs, no gradients); ``image_bytes_per_leaf``: one decoded leaf as float32 pixels."""
+    fsm = getattr(vae, "first_stage_model", vae)
+    weights = sum(module_bytes(fsm).values())
+    dtype = next((p.dtype for p in fsm.parameters()), torch.float32)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with torch.inference_mode(False), mode, torch.no_grad():
+        z = torch.randn(batch, *latent_shape, dtype=dtype)
+        live = LiveTensors()
+        with live:
+            img = fsm.decode(z)
+        per_leaf = img.numel() * 4 // batch
+    return {"weights": weights, "decode_chunk": live.peak, "image_bytes_per_leaf": per_leaf, "batch": batch}
+
+
+def reward_weight_bytes(rewards: Iterable[Any]) -> int:
+    """Bytes of the torch modules behind reward scorers (0 for weight-free ones)."""
+    total, seen = 0, set()
+    for r in rewards:
+        mods = []
+        for attr in ("modules", "torch_modules"):
+            fn = getattr(r, attr, None)
+            if callable(fn) and not isinstance(r, torch.nn.Module):
+                try:
+                    mods = list(fn())
+                except TypeError:
+                    mods = []
+                break
+        inner = getattr(r, "reward", None) or getattr(r, "inner", None)
+        if not mods and inner is not None and inner is not r:
+            total += reward_weight_bytes([inner])
+        if isinstance(r, torch.nn.Module):
+            mods = [r]
+        for m in mods:
+            if isinstance(m, torch.nn.Module) and id(m) not in seen:
+                seen.add(id(m))
+                total += sum(module_bytes(m).values())
+    return total
+
+
+def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora_cfg: LoRAConfig, *,
+                   checkpointing: bool, num_prompts: int = 1, text_tokens: int = 512, guidance: float | None = 3.5,
+                   vae=None, vae_sizes: dict | None = None, decode_batch: int | None = None,
+                   reward_weights: int = 0, reward_chunk: int = 0) -> RunMemory:
+    """The peak of a training run with ``config`` (a :class:`~branchgrpo.trainer.TrainerConfig`), per phase.
+
+    ``vae``: probed for its decode (``vae_sizes`` instead gives the sizes: ``weights``, ``decode_chunk``,
+    ``image_bytes_per_leaf``); ``reward_weights`` / ``reward_chunk``: the reward models' bytes and one chunk's
+    scoring transient (not probed)."""
+    dm = model_patcher.model.diffusion_model
+    schedule = config.schedule
+    tree = planned_tree_bytes(schedule, config.prompts_per_iteration, latent_shape)
+    widest = config.prompts_per_iteration * max([schedule.group_size, *schedule.width_before()])
+    rollout_batch = min(config.max_batch, widest)
+    inner = tree["nodes"] - tree["leaves"]
+    train_batch = min(config.optim.max_train_batch, inner)
+    metrics_batch = min(getattr(config, "kl_metric_parents", 0), config.max_batch, inner)
+    probes = probe_full_depth(model_patcher, latent_shape, lora_cfg, rollout_batch=rollout_batch,
+                              train_batch=train_batch, checkpointing=checkpointing, text_tokens=text_tokens,
+                              guidance=guidance, metrics_batch=metrics_batch)
+    decode_batch = min(int(decode_batch or config.max_batch), tree["leaves"])
+    if vae_sizes is None and vae is not None:
+        vae_sizes = vae_probe(vae, latent_shape, decode_batch)
+    vae_sizes = vae_sizes or {"weights": 0, "decode_chunk": 0, "image_bytes_per_leaf": 0}
+    weights = module_bytes(dm)
+    n_lora = lora_param_count(dm, lora_cfg)
+    run = plan_run(weights=sum(weights.values()), lora_params=n_lora,
+                   conditioning=conditioning_bytes(dm, text_tokens, num_prompts), tree=tree,
+                   rollout_call=probes["rollout_call"], update_chunk=probes["update_chunk"],
+                   metrics_call=probes["metrics_call"], vae_weights=vae_sizes["weights"],
+                   decode_chunk=vae_sizes["decode_chunk"], reward_weights=reward_weights, reward_chunk=reward_chunk,
+                   images=vae_sizes["image_bytes_per_leaf"] * tree["leaves"])
+    run.details.update(weights_by_dtype=weights, lora_params=n_lora, tree=tree, rollout_batch=rollout_batch,
+                       train_batch=train_batch, metrics_batch=metrics_batch, decode_batch=decode_batch,
+                       checkpointing=checkpointing, probes=probes, vae=vae_sizes, text_tokens=text_tokens)
+    return run
+
+
+def budget_message(node: str, run: RunMemory, budget: int) -> str:
+    """Why a run does not fit ``budget`` bytes, and what to change, from its largest components."""
+    gb = 2 ** 30
+    phase = run.phase(run.peak_phase)
+    parts = sorted(phase.components.items(), key=lambda kv: -kv[1])
+    listing = ", ".join(f"{k} {v / gb:.2f} GB" for k, v in parts if v > 0)
+    advice = []
+    top = {k for k, v in parts[:2]}
+    if phase.name == "update" or "transient" in top:
+        advice.append("turn gradient_checkpointing on and lower max_train_batch" if phase.name == "update"
+                      else "lower max_batch")
+    if "weights" in top:
+        advice.append("load the model with weight_dtype fp8_e4m3fn (UNETLoader)")
+    if "tree" in top or "previous_tree" in top:
+        advice.append("use fewer split steps, a smaller branching factor or fewer prompts_per_iteration")
+    if "lora_and_adamw" in top:
+        advice.append("lower lora_rank or narrow lora_targets")
+    advice.append("or use a smaller latent (resolution / frames)")
+    return (f"{node}: memory_budget_gb — the run is too large: it needs {run.peak / gb:.2f} GB at the peak of the "
+            f"{phase.name} ({listing}), over the {budget / gb:.2f} GB available. To fit: " + "; ".join(advice) + ".")
+
+
+__all__ = ["predict_memory", "probe_calls", "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks",
+           "block_lists", "random_conditioning", "SamplingCall", "budget_message", "reward_weight_bytes",
+           "lora_param_count", "text_dims", "conditioning_bytes", "probe_depths"]
