@@ -402,3 +402,47 @@ def test_each_prompt_is_encoded_once_per_run_and_the_text_encoder_released(pk):
             trainer.train()
     assert len(encoded) == len(prompts)  # 3 iterations x 2 prompts, every prompt encoded once
     assert not mpol.is_loaded(clip.patcher)
+
+
+def test_fp8_base_with_bf16_compute_adds_the_lora_in_bf16_and_trains_it_in_fp32(pk, tmp_path):
+    """What a GPU does with an fp8 UNETLoader model (compute dtype bf16; on CPU ComfyUI picks fp32, so it is set
+    here): each layer gets its weight cast to bf16, the LoRA update is computed in bf16 and added there, and the
+    gradients reach the fp32 adapter."""
+    import comfy.sd
+    from branchgrpo.lora import LoRAConfig
+    cm = pk["comfy_model"]
+    path = tm.write_tiny_sd3(tmp_path / "models")
+    fp8 = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})
+    fp8.model.manual_cast_dtype = torch.bfloat16
+    seen = []
+    orig_call = cm.LoRAWeightWrapper.__call__
+
+    def spy(self, weight):
+        out = orig_call(self, weight)
+        a = self.lora.adapter(self.name)
+        in_bf16 = (a.up.to(torch.bfloat16) @ a.down.to(torch.bfloat16)) * self.lora.scale
+        seen.append((weight.dtype, out.dtype, torch.equal(out, weight + in_bf16)))
+        return out
+
+    conditioning = _sd3_conditioning()
+    cm.LoRAWeightWrapper.__call__ = spy
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            mpl, lora = cm.attach_lora(fp8, LoRAConfig(rank=4, alpha=4.0), seed=0, device=fp8.load_device)
+            with torch.no_grad():
+                for a in lora.adapters:
+                    a.up.fill_(0.01)
+            flow = cm.ComfyFlowModel(mpl, (16, 8, 8), conditioning=conditioning, seed=0, guidance=None)
+            with flow.session(4), cm.gradient_checkpointing(mpl, False):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(3, 16, 8, 8, generator=g)
+                v = flow.velocity(x, torch.tensor([0.9, 0.5, 0.2]), list(conditioning), torch.tensor([0, 1, 0]))
+                v.float().square().mean().backward()
+    finally:
+        cm.LoRAWeightWrapper.__call__ = orig_call
+    assert seen and all(w == torch.bfloat16 and o == torch.bfloat16 and exact for w, o, exact in seen)
+    assert all(p.dtype == torch.float32 and p.grad is not None and bool(p.grad.isfinite().all())
+               for p in lora.parameters())
+    assert any(float(p.grad.abs().sum()) > 0 for p in lora.parameters())
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in fp8.model.diffusion_model.modules()
+               if isinstance(m, torch.nn.Linear))
