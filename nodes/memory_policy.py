@@ -99,6 +99,11 @@ class ReleaseAfterPhase(Callback):
             if release(self.reward_patchers[index]):
                 self.released.append(f"reward{index}")
 
+    def on_rollout_end(self, iteration, tree, leaf_rewards, images) -> None:
+        # a callback before this one may have decoded a preview after the decode phase: out again
+        if release(self.vae_patchers):
+            self.released.append("vae")
+
 
 # ------------------------------------------------------------------------------------------- fp8 base
 def with_base_dtype(model_patcher, dtype: torch.dtype):

@@ -332,13 +332,28 @@ def test_vae_and_reward_models_are_released_after_their_phase(pk):
     class V:
         patcher = vae_patcher
 
+    from branchgrpo.trainer import Callback
+
+    class Preview(Callback):  # like the Trainer's preview: decodes a leaf after the rollout, before the update
+        def __init__(self):
+            self.vae_in_update = []
+
+        def on_rollout_end(self, iteration, tree, leaf_rewards, images):
+            decode(tree.leaf_x0[:1])
+
+        def on_model_call(self, phase, done, total):
+            if phase == "train":
+                self.vae_in_update.append(mpol.is_loaded(vae_patcher))
+
+    preview = Preview()
     release = mpol.ReleaseAfterPhase(V(), [reward])
     trainer, _, flow, mpl = _train(pk, mp, (3, 16, 16), conditioning, decode, [scored], _config(2, max_batch=4),
-                                   callbacks=[release])
+                                   callbacks=[preview, release])
     # the leaves (2 prompts x 4 = 8) are decoded in chunks, then scored: the VAE is gone before the reward runs
     assert phases[0] == ("decode", True)
     assert [p for p in phases if p[0] == "reward"][0][1] is False
-    assert release.released == ["vae", "reward0"] * 2
+    assert release.released == ["vae", "reward0", "vae"] * 2  # the preview's VAE load is released again
+    assert preview.vae_in_update and not any(preview.vae_in_update)
     assert not any(mpol.is_loaded(p) for p in reward.patchers) and not mpol.is_loaded(vae_patcher)
     assert flow.reloads == 0  # releasing them never pushed the diffusion model out
 
