@@ -150,8 +150,11 @@ def model_config(family: str, weight_dtype: str, blocks: int | None):
 def init_weights_(module: torch.nn.Module, seed: int = 0) -> None:
     """Random weights in place (ComfyUI leaves them empty): matrices N(0, 1/fan_in), norm scales 1, the rest
     N(0, 0.02^2); fp8 tensors are drawn in bf16 and cast."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict = {}
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        g = gens.get(p.device)
+        if g is None:
+            g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
         if p.is_floating_point() is False or p.numel() == 0:
             continue
         leaf = name.rsplit(".", 1)[-1]
@@ -160,8 +163,7 @@ def init_weights_(module: torch.nn.Module, seed: int = 0) -> None:
             continue
         std = 1.0 / math.sqrt(math.prod(p.shape[1:])) if p.dim() >= 2 else 0.02
         draw_dtype = torch.bfloat16 if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else p.dtype
-        t = torch.empty(p.shape, dtype=draw_dtype, device="cpu").normal_(0.0, std, generator=g)
-        p.copy_(t.to(p.device))
+        p.copy_(torch.empty(p.shape, dtype=draw_dtype, device=p.device).normal_(0.0, std, generator=g))
 
 
 def build_model(family: str, weight_dtype: str, blocks: int | None, device: torch.device, *, fake: bool = False):

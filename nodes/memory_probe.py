@@ -32,6 +32,8 @@ from branchgrpo.memory import (LiveTensors, RunMemory, SavedTensors, extrapolate
 from .comfy_model import attach_lora, gradient_checkpointing
 
 CPU = torch.device("cpu")
+TEXT_TOKENS = 512
+"""Text tokens assumed per prompt when the conditioning is not encoded yet (T5-XXL / umT5 at their longest)."""
 
 
 def block_lists(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
@@ -217,8 +219,9 @@ def vae_probe(vae, latent_shape: Sequence[int], batch: int) -> dict:
     weights = sum(module_bytes(fsm).values())
     dtype = next((p.dtype for p in fsm.parameters()), torch.float32)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    device = next((p.device for p in fsm.parameters()), CPU)
     with torch.inference_mode(False), mode, torch.no_grad():
-        z = torch.randn(batch, *latent_shape, dtype=dtype)
+        z = torch.randn(batch, *latent_shape, dtype=dtype, device=device)
         live = LiveTensors()
         with live:
             img = fsm.decode(z)
@@ -289,6 +292,14 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
     return run
 
 
+def set_weights(run: RunMemory, weights: int) -> None:
+    """Replace the base weights' bytes in every phase (e.g. by what they take once stored in fp8)."""
+    for phase in run.phases:
+        if "weights" in phase.components:
+            phase.components["weights"] = int(weights)
+    run.details["weights_stored"] = int(weights)
+
+
 def budget_message(node: str, run: RunMemory, budget: int) -> str:
     """Why a run does not fit ``budget`` bytes, and what to change, from its largest components."""
     gb = 2 ** 30
@@ -313,4 +324,4 @@ def budget_message(node: str, run: RunMemory, budget: int) -> str:
 
 __all__ = ["predict_memory", "probe_calls", "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks",
            "block_lists", "random_conditioning", "SamplingCall", "budget_message", "reward_weight_bytes",
-           "lora_param_count", "text_dims", "conditioning_bytes", "probe_depths"]
+           "lora_param_count", "text_dims", "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS"]

@@ -23,7 +23,7 @@ from branchgrpo.rewards.base import Reward
 from branchgrpo.schedule import BranchSchedule
 from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
 
-from . import inputs, memory_policy
+from . import inputs, memory_policy, memory_probe
 from . import types as T
 from .comfy_model import ComfyFlowModel, attach_lora, model_family, require_flow_model
 from .comfy_model import gradient_checkpointing as checkpointing_blocks
@@ -117,28 +117,19 @@ class ComfyProgress(Callback):
                  metrics["time_total"])
 
 
-def estimate_memory(model_patcher, latent_shape, schedule: BranchSchedule, prompts_per_iteration: int,
-                    max_batch: int, max_train_batch: int, lora_params: int, checkpointing: bool) -> dict:
-    """A rough budget (bytes) of a run: weights, adapter + AdamW state, the stored tree, activations."""
-    latent = math.prod(latent_shape)
-    nodes = prompts_per_iteration * (schedule.group_size + schedule.num_edges())
-    weights = model_patcher.model_size()
-    adapter = lora_params * 4 * 4  # fp32 weights, grads, two Adam moments
-    tree = nodes * latent * 4
-    dm = model_patcher.model.diffusion_model
-    hidden = max((m.out_features for m in dm.modules() if isinstance(m, torch.nn.Linear)), default=latent)
-    blocks = sum(len(c) for c in dm.children() if isinstance(c, torch.nn.ModuleList)) or 1
-    tokens = max(1, latent // max(1, latent_shape[0]) // 4)
-    itemsize = model_patcher.model_dtype().itemsize if hasattr(model_patcher.model_dtype(), "itemsize") else 2
-    per_sample_block = tokens * hidden * itemsize * (2 if checkpointing else 12)
-    activations = max_train_batch * per_sample_block * blocks + max_batch * tokens * hidden * itemsize * 4
-    total = weights + adapter + tree + activations
-    return {"weights": weights, "adapter_and_optimizer": adapter, "tree": tree, "activations": activations,
-            "total": total}
-
-
-def _gb(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GB"
+def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
+                       num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None):
+    """The run's peak per phase, predicted before iteration 1 with the accounting ``bench.scale`` measures
+    (:func:`nodes.memory_probe.predict_memory`: FakeTensor probes of one model call of each kind at the run's
+    shape, weights by dtype, LoRA + AdamW, the trees). ``weights_dtype``: the dtype the base weights will be
+    stored in (fp8), when it differs from the loaded one."""
+    run = memory_probe.predict_memory(model, latent_shape, config, lora_cfg, checkpointing=checkpointing,
+                                      num_prompts=num_prompts, text_tokens=memory_probe.TEXT_TOKENS,
+                                      guidance=guidance, vae=vae, decode_batch=decode_batch,
+                                      reward_weights=memory_probe.reward_weight_bytes(rewards))
+    if weights_dtype is not None:
+        memory_probe.set_weights(run, memory_policy.weight_bytes(model, weights_dtype))
+    return run
 
 
 class TrainerNode(io.ComfyNode):
@@ -233,9 +224,7 @@ class TrainerNode(io.ComfyNode):
             raise ValueError(f"{NODE}: {e}") from None
         big = model.model_size() > 2 ** 30
         use_gc = s.gradient_checkpointing == "on" or (s.gradient_checkpointing == "auto" and big)
-        n_lora = count_lora_params(model, lora_cfg)
-        mem = estimate_memory(model, latent_shape, schedule, prompts_per_iteration, s.max_batch, s.max_train_batch,
-                              n_lora, use_gc)
+        count_lora_params(model, lora_cfg)  # refuses targets that match no layer
         device = model.load_device
         budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
                   else comfy.model_management.get_total_memory(device))
@@ -243,21 +232,17 @@ class TrainerNode(io.ComfyNode):
                                     max_batch=s.max_batch, vae=vae, reward=reward,
                                     base_weights=s.get("base_weights", "auto"),
                                     release_models=s.get("release_models", "auto"))
-        if memory.base_weights in memory_policy.FP8:  # the weights as they will be stored
-            fp8_bytes = memory_policy.weight_bytes(model, memory_policy.FP8[memory.base_weights])
-            mem["total"] += fp8_bytes - mem["weights"]
-            mem["weights"] = fp8_bytes
-        if mem["total"] > budget:
-            raise ValueError(
-                f"{NODE}: schedule — the tree is too large for the batch budget: storing "
-                f"{prompts_per_iteration} tree(s) of {schedule.num_leaves()} leaves needs {_gb(mem['tree'])} and the "
-                f"update ~{_gb(mem['activations'])}, over the {_gb(budget)} available. Use fewer split steps or a "
-                "smaller branching factor, fewer prompts_per_iteration, a smaller latent, or lower max_batch / "
-                "max_train_batch (Trainer Settings).")
+        eval_count = len(prompts.get("eval") or []) if config.eval_every else 0
+        run_memory = predict_run_memory(
+            model, latent_shape, config, lora_cfg, checkpointing=use_gc,
+            num_prompts=len(prompts["train"]) + eval_count, guidance=s.flux_guidance, vae=vae, rewards=rewards,
+            decode_batch=memory.decode_batch, weights_dtype=memory_policy.FP8.get(memory.base_weights))
+        if run_memory.peak > budget:
+            raise ValueError(memory_probe.budget_message(NODE, run_memory, int(budget)))
+        mem = run_memory.to_dict()
         ckpt = os.path.join(checkpoint_dir(run_name), "checkpoint.pt")
-        info = (f"estimated memory: {_gb(mem['total'])} (weights {_gb(mem['weights'])}, tree {_gb(mem['tree'])}, "
-                f"activations {_gb(mem['activations'])}, adapter+optimizer {_gb(mem['adapter_and_optimizer'])}); "
-                f"gradient checkpointing {'on' if use_gc else 'off'}; {memory.describe()}")
+        info = (f"predicted memory: {run_memory.summary()}; gradient checkpointing {'on' if use_gc else 'off'}; "
+                f"{memory.describe()}")
         log.info("BranchGRPO %s: %s", run_name, info)
 
         state = read_resumable_checkpoint(ckpt, config, iterations) if resume and os.path.exists(ckpt) else None
