@@ -239,10 +239,11 @@ class BranchGRPOTrainer:
         Phase by phase, so only one of the VAE and the reward models has to be in memory at a time: the
         leaves are decoded in chunks of :attr:`decode_batch`, then ``on_phase_end("decode")``; reward ``k``
         scores them in chunks of :attr:`reward_batch`, then ``on_phase_end("reward", k)``. A callback
-        releases the model whose phase ended."""
+        releases the model whose phase ended. The decoded images are kept on the CPU in between."""
         n = x0.shape[0]
         db = max(1, int(self.decode_batch or self.config.max_batch))
-        images = torch.cat([self.decode(x0[start:start + db]) for start in range(0, n, db)])
+        # decoded leaves wait in host memory (a video tree's frames would crowd the card) until they are scored
+        images = torch.cat([self.decode(x0[start:start + db]).cpu() for start in range(0, n, db)])
         self._phase_end("decode")
         rb = max(1, int(self.reward_batch or self.config.max_batch))
         scores = []
