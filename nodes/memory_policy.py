@@ -133,6 +133,8 @@ def with_base_dtype(model_patcher, dtype: torch.dtype):
         # everything else (norms, biases, embeddings, buffers) is shared, not copied
         for t in list(model.parameters()) + list(model.buffers()):
             memo.setdefault(id(t), t)
+        if getattr(model, "current_patcher", None) is not None:  # set while a sampler runs it: not ours to copy
+            memo[id(model.current_patcher)] = None
         new_model = copy.deepcopy(model, memo)
     for m in new_model.modules():
         if hasattr(m, "comfy_cast_weights"):

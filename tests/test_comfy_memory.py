@@ -151,8 +151,10 @@ def test_with_base_dtype_stores_linear_weights_in_fp8(pk, tmp_path):
     path = tm.write_tiny_sd3(tmp_path / "models")
     full = comfy.sd.load_diffusion_model(str(path))
     fp8 = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})
+    full.model.current_patcher = full  # as while a sampler runs it
     cast = mpol.with_base_dtype(full, torch.float8_e4m3fn)
-    assert cast.model is not full.model
+    assert cast.model is not full.model and cast.model.current_patcher is None
+    full.model.current_patcher = None
     w_full = full.model.diffusion_model.context_embedder.weight
     w_cast = cast.model.diffusion_model.context_embedder.weight
     assert w_full.dtype == torch.float32 and w_cast.dtype == torch.float8_e4m3fn
