@@ -208,12 +208,23 @@ def _make_callbacks(cfg, trainer_start: int, is_main: bool):
 def _check_resume(cfg, state: dict, lora, source: str) -> None:
     from .config_file import ConfigError
     from .trainer import TrainerConfig
-    saved = TrainerConfig.from_dict(json.loads(state["config"]))
-    if saved.to_dict() | {"iterations": 0} != cfg.trainer.to_dict() | {"iterations": 0}:
-        diff = [k for k, v in cfg.trainer.to_dict().items() if k != "iterations" and saved.to_dict().get(k) != v]
-        raise ConfigError("run.resume", f"the checkpoint {source} was made with different settings (differs in: "
-                                        f"{', '.join(diff)}); restore them, set run.resume = 'never' to start over, "
-                                        "or choose another run.name")
+    saved = TrainerConfig.from_dict(json.loads(state["config"])).to_dict()
+    current = cfg.trainer.to_dict()
+    ignore = {"iterations", *TrainerConfig.MONITORING_FIELDS}  # monitoring never changes what is trained
+    diff = []
+    for key in sorted(set(saved) | set(current)):
+        if key in ignore or saved.get(key) == current.get(key):
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
+        else:
+            diff.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    if diff:
+        raise ConfigError("run.resume", f"the checkpoint {source} was made with different settings ("
+                                        f"{'; '.join(diff)}); restore them, set run.resume = 'never' to start "
+                                        "over, or choose another run.name")
     mine = {k: tuple(v.shape) for k, v in lora.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state["adapter"].items()}
     if mine != theirs:

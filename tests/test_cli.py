@@ -272,3 +272,25 @@ def test_single_file_text_encoder(tiny, tmp_path):
     with pytest.raises(da.ModelConfigError, match="model.text_encoder_files.text_encoder_2"):
         da.load_pipeline("flux", str(tiny["flux"]),
                          text_encoder_files={"text_encoder_2": str(tmp_path / "partial.safetensors")})
+
+
+def test_resume_check_names_each_difference_and_ignores_monitoring():
+    import json as _json
+    from types import SimpleNamespace
+
+    from branchgrpo.cli import _check_resume
+    from branchgrpo.config_file import ConfigError
+    from branchgrpo.trainer import TrainerConfig
+
+    lora = torch.nn.Linear(2, 2)
+    saved = TrainerConfig(iterations=4, eval_every=0)
+    state = {"config": _json.dumps(saved.to_dict()), "adapter": lora.state_dict()}
+    # more iterations and another evaluation cadence continue the same run
+    _check_resume(SimpleNamespace(trainer=TrainerConfig(iterations=9, eval_every=5)), state, lora, "ckpt")
+    changed = TrainerConfig(iterations=4, seed=3)
+    changed.optim.learning_rate = 5e-5
+    with pytest.raises(ConfigError) as err:
+        _check_resume(SimpleNamespace(trainer=changed), state, lora, "ckpt")
+    text = str(err.value)
+    assert "seed: checkpoint 0, now 3" in text
+    assert "optim.learning_rate: checkpoint 0.0001, now 5e-05" in text
