@@ -36,6 +36,7 @@ LORA_NAME = "branchgrpo/cpu_demo"
 # Node ids are referenced by scripts, tests and the README (e.g. --set 5.iterations=4).
 LOADER, PROMPTS_NODE, REWARD, SCHEDULE, TRAINER = "1", "2", "3", "4", "5"
 SAVE_LORA, PLOT, SAVE_CURVE = "6", "7", "8"
+TRAINER_SETTINGS = "20"
 
 
 def _titled(node: dict, title: str) -> dict:
@@ -60,10 +61,11 @@ API = {
     TRAINER: {"class_type": "BranchGRPOTrainer", "inputs": {
         "model": [LOADER, 0], "clip": [LOADER, 1], "vae": [LOADER, 2], "prompts": [PROMPTS_NODE, 0],
         "reward": [REWARD, 0], "latent": [LOADER, 3], "iterations": ITERATIONS, "prompts_per_iteration": len(PROMPTS),
-        "learning_rate": LEARNING_RATE, "lora_rank": 8, "lora_alpha": 8.0, "lora_targets": "*attn*,*mlp*",
-        "seed": 0, "schedule": [SCHEDULE, 0], "clip_range": 1e-3, "kl_beta": 0.0, "edges_per_step": 0,
-        "max_grad_norm": 1.0, "max_batch": 64, "max_train_batch": 16, "gradient_checkpointing": "off", "cfg": 1.0,
-        "negative_prompt": "", "guidance": 3.5, "run_name": RUN_NAME, "resume": False, "memory_budget_gb": 0.0}},
+        "learning_rate": LEARNING_RATE, "lora_rank": 8, "lora_alpha": 8.0, "seed": 0, "schedule": [SCHEDULE, 0],
+        "settings": [TRAINER_SETTINGS, 0], "run_name": RUN_NAME, "resume": False}},
+    # the settings that differ from the defaults (the frontend fills in the others)
+    TRAINER_SETTINGS: {"class_type": "BranchGRPOTrainerSettings", "inputs": {
+        "lora_targets": "*attn*,*mlp*", "max_batch": 64, "max_train_batch": 16, "gradient_checkpointing": "off"}},
     SAVE_LORA: {"class_type": "BranchGRPOSaveLoRA", "inputs": {"lora": [TRAINER, 1], "filename": LORA_NAME,
                                                                 "overwrite": True}},
     PLOT: {"class_type": "BranchGRPOMetricsPlot", "inputs": {"metrics": [TRAINER, 2], "width": 768, "height": 512}},
@@ -117,7 +119,8 @@ NOTE_TRAIN = (
     "reward rising: about +25 over the 24 iterations, ~3 s each on 2 CPU cores (more iterations or a higher "
     "learning rate go further, until the shapes turn into saturated blobs). Save LoRA writes "
     "models/loras/branchgrpo/cpu_demo.safetensors (ComfyUI's LoRA format: the stock "
-    "LoraLoaderModelOnly loads it); the reward curve goes to output/branchgrpo/.")
+    "LoraLoaderModelOnly loads it); the reward curve goes to output/branchgrpo/. Trainer Settings holds the expert "
+    "settings: the LoRA adapts the attention and MLP layers, 64 latents per model call.")
 NOTE_AFTER = (
     "The same prompt, seed and latent through the stock KSampler twice: BEFORE with the base model, AFTER with the "
     "Trainer's MODEL output (base + the trained LoRA). Score Images shows the reward of each: AFTER should be "
@@ -128,7 +131,7 @@ GROUPS = [
     {"title": "1. Demo model (embedded, CPU)", "color": "#3f789e", "columns": [[LOADER]], "note": NOTE_MODEL},
     {"title": "2. Prompts and reward", "color": "#8a8", "columns": [[PROMPTS_NODE, REWARD]], "note": NOTE_REWARD},
     {"title": "3. Branch schedule", "color": "#a1309b", "columns": [[SCHEDULE]], "note": NOTE_SCHEDULE},
-    {"title": "4. Train", "color": "#b58b2a", "columns": [[TRAINER], [SAVE_LORA, PLOT, SAVE_CURVE]],
+    {"title": "4. Train", "color": "#b58b2a", "columns": [[TRAINER, TRAINER_SETTINGS], [SAVE_LORA, PLOT, SAVE_CURVE]],
      "note": NOTE_TRAIN},
     {"title": "5. Before / after", "color": "#444",
      "columns": [["9", "10"], ["11", "12"], ["13", "14", "15", "16"], ["17", "18", "19"]], "note": NOTE_AFTER},
@@ -165,6 +168,8 @@ def build() -> Path:
         raise RuntimeError("console errors while generating:\n" + "\n".join(errors))
     workflow.setdefault("extra", {})["branchgrpo"] = {"title": TITLE}
     workflow["extra"].pop("ds", None)
+    import workflow_templates  # tests/ (on the path above): the description and hardware of each template
+    workflow_templates.apply(workflow, NAME)
     path = WORKFLOWS_DIR / f"{NAME}.json"
     path.write_text(json.dumps(workflow, indent=2) + "\n")
     return path

@@ -18,10 +18,11 @@ from .sampler import TreeSamplerNode
 from .settings import BranchScheduleNode, PromptsNode, PruningNode, TrainerSettingsNode, TreeAdvantageNode
 from .tiny_model import TinyFlowModelLoaderNode
 from .trainer import TrainerNode
+from .tree_view import TreeViewNode
 
 NODES: list[type[io.ComfyNode]] = [
-    BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TrainerNode, TrainerSettingsNode,
-    SaveLoRANode, EditPromptsNode,
+    BranchScheduleNode, TreeAdvantageNode, PruningNode, PromptsNode, TreeSamplerNode, TreeViewNode, TrainerNode,
+    TrainerSettingsNode, SaveLoRANode, EditPromptsNode,
     MetricsPlotNode, *REWARD_NODES,
     ExportRunConfigNode, DemoModelLoaderNode, MethodNode,
 ]

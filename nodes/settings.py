@@ -2,17 +2,21 @@
 object and validates it, so a bad value is reported on the node that holds it, before any compute."""
 from __future__ import annotations
 
+import logging
 import os
 
 from comfy_api.latest import io
 
 import folder_paths
 from branchgrpo.advantage import AdvantageConfig
+from branchgrpo.diagnostics import auto_split_noise_scale, residual_noise_warning
 from branchgrpo.pruning import PruningConfig
 from branchgrpo.schedule import BranchSchedule, parse_steps
 
 from . import types as T
 from .inputs import EXPERT_OPTIONS, TrainerSettings
+
+log = logging.getLogger("BranchGRPO")
 
 
 def _node_error(node: str, exc: Exception) -> ValueError:
@@ -35,9 +39,11 @@ class BranchScheduleNode(io.ComfyNode):
                                 "factors; memory and time grow with the number of leaves."),
                 io.String.Input("branching", default="2", tooltip="Children per fork (K >= 1): one number for "
                                 "every split, or one per split step, e.g. '2,2,4,2'."),
-                io.Float.Input("split_noise_scale", default=4.0, min=0.01, max=20.0, step=0.01,
-                               tooltip="Multiplier of the SDE noise at a fork (the official script uses 4.0). "
-                                       "Larger = more diverse siblings."),
+                io.Float.Input("split_noise_scale", default=0.0, min=0.0, max=20.0, step=0.01,
+                               tooltip="Multiplier of the SDE noise at a fork. 0 = auto, per SDE: 4.0 for "
+                                       "'dancegrpo' (the paper's, with eta 0.3), 1.0 for 'flowgrpo' (its std is "
+                                       "far larger; 4.0 gives pure-noise leaves). Larger = more diverse siblings; "
+                                       "the node warns when the leaves would keep fork noise."),
                 io.Combo.Input("sde", options=["dancegrpo", "flowgrpo"], default="dancegrpo",
                                tooltip="SDE of a stochastic step: 'dancegrpo' (constant eta, BranchGRPO/DanceGRPO) "
                                        "or 'flowgrpo' (a*sqrt(sigma/(1-sigma)), Flow-GRPO/MixGRPO)."),
@@ -75,7 +81,12 @@ class BranchScheduleNode(io.ComfyNode):
                         sde_window_size, sde_window_start)
         d = sch.describe()
         text = (f"{d['leaves_per_prompt']} leaves, {d['rollout_nfe_per_prompt']} model evaluations and "
-                f"{d['edges_per_prompt']} edges per prompt")
+                f"{d['edges_per_prompt']} edges per prompt; fork noise scale {sch.split_noise_scale:g}"
+                + (" (auto)" if not split_noise_scale else ""))
+        warning = residual_noise_warning(sch)
+        if warning:
+            log.warning("Branch Schedule: %s", warning)
+            text += "\nWARNING: " + warning
         return io.NodeOutput(sch, ui={"text": [text]})
 
     @staticmethod
@@ -87,8 +98,9 @@ class BranchScheduleNode(io.ComfyNode):
             ks = parse_steps(branching, "branching")
             if not ks:
                 raise ValueError("branching is empty; give a factor such as 2.")
+            scale = split_noise_scale if split_noise_scale > 0 else auto_split_noise_scale(sde)
             sch = BranchSchedule(num_steps=steps, split_steps=splits, branching=ks[0] if len(ks) == 1 else ks,
-                                 split_noise_scale=split_noise_scale, sde=sde, eta=eta, shift=shift,
+                                 split_noise_scale=scale, sde=sde, eta=eta, shift=shift,
                                  group_size=group_size,
                                  sde_window=(sde_window_start, sde_window_size) if sde_window_size > 0 else None)
             sch.validate(node)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser_helpers import (ComfyPage, browser_missing_reason, http_json, launch,  # noqa: E402
                              shipped_workflows)
 from comfy_server import PACK_NAME  # noqa: E402
+import workflow_templates  # noqa: E402
 
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # virtual nodes: never sent to the server
 # inputs that name a model file, per loader; the only inputs allowed to fail validation here
@@ -65,9 +66,10 @@ WAN_NEGATIVE = ("blurry, low quality, static, overexposed, jpeg artifacts, defor
                 "worst quality, still picture, cluttered background")
 
 
-def _schedule(sde="dancegrpo", eta=0.3, shift=3.0, steps=20, split="0,3,6,9"):
+def _schedule(sde="dancegrpo", eta=0.3, shift=3.0, steps=20, split="0,3,6,9", split_noise_scale=0.0):
+    """Branch Schedule; split_noise_scale 0 = auto (4.0 for dancegrpo, 1.0 for flowgrpo)."""
     return {"class_type": "BranchGRPOBranchSchedule", "_meta": {"title": "Branch Schedule (BranchGRPO)"},
-            "inputs": {"steps": steps, "split_steps": split, "branching": "2", "split_noise_scale": 4.0,
+            "inputs": {"steps": steps, "split_steps": split, "branching": "2", "split_noise_scale": split_noise_scale,
                        "sde": sde, "eta": eta, "shift": shift, "group_size": 1, "sde_window_size": 0,
                        "sde_window_start": 0}}
 
@@ -83,16 +85,19 @@ def _pruning():
         "width_ratio": 0.5, "active_fraction": 1.0, "train_last_step": True, "timestep_fraction": 1.0}}
 
 
-def _trainer(model, clip, vae, prompts, reward, latent, schedule, advantage, pruning, run_name, **over):
+def _trainer(model, clip, vae, prompts, reward, latent, schedule, advantage, pruning, settings, run_name, **over):
     inputs = {"model": model, "clip": clip, "vae": vae, "prompts": prompts, "reward": reward, "latent": latent,
               "iterations": 300, "prompts_per_iteration": 1, "learning_rate": 1e-4, "lora_rank": 16,
-              "lora_alpha": 16.0, "lora_targets": "*", "seed": 0, "schedule": schedule, "advantage": advantage,
-              "pruning": pruning, "clip_range": 1e-3, "kl_beta": 0.0, "edges_per_step": 0, "max_grad_norm": 1.0,
-              "max_batch": 16, "max_train_batch": 4, "gradient_checkpointing": "auto", "cfg": 1.0,
-              "negative_prompt": "", "guidance": 3.5, "run_name": run_name, "resume": True,
-              "memory_budget_gb": 0.0}
+              "lora_alpha": 16.0, "seed": 0, "schedule": schedule, "advantage": advantage, "pruning": pruning,
+              "settings": settings, "run_name": run_name, "resume": True}
     inputs.update(over)
     return {"class_type": "BranchGRPOTrainer", "inputs": inputs}
+
+
+def _settings(**over):
+    """Trainer Settings (the Trainer's expert settings): the given values; the frontend fills in every other
+    setting's default, so an option added to nodes/inputs.py needs no change here."""
+    return {"class_type": "BranchGRPOTrainerSettings", "inputs": dict(over)}
 
 
 def _hps(max_frames=0):
@@ -140,7 +145,7 @@ FLUX = {
         "8": _advantage(),
         "9": _pruning(),
         "10": _trainer(["1", 0], ["2", 0], ["3", 0], ["5", 0], ["6", 0], ["4", 0], ["7", 0], ["8", 0], ["9", 0],
-                       "flux_hps", guidance=3.5),
+                       ["20", 0], "flux_hps"),
         "11": {"class_type": "BranchGRPOSaveLoRA", "inputs": {"lora": ["10", 1], "filename": "branchgrpo/flux_hps",
                                                               "overwrite": True}},
         "12": {"class_type": "BranchGRPOMetricsPlot", "inputs": {"metrics": ["10", 2], "width": 768, "height": 512}},
@@ -152,6 +157,7 @@ FLUX = {
         "17": _ksampler(["10", 0], ["15", 0], ["16", 0], ["4", 0], title="KSampler (trained model)"),
         "18": {"class_type": "VAEDecode", "inputs": {"samples": ["17", 0], "vae": ["3", 0]}},
         "19": {"class_type": "SaveImage", "inputs": {"images": ["18", 0], "filename_prefix": "branchgrpo/flux_hps"}},
+        "20": _settings(flux_guidance=3.5),
     },
     "groups": [
         {"title": "1. Models (stock loaders)", "color": "#3f789e", "columns": [["1", "2", "3"]],
@@ -170,8 +176,9 @@ FLUX = {
                  "SDE eta 0.3, shift 3: the paper's FLUX setting. Tree Advantage: rewards averaged up the tree, "
                  "normalised per depth. Pruning: off here; depth pruning (e.g. depths 10-19, sliding) and width "
                  "pruning (best_worst) cut the update cost."},
-        {"title": "4. Train", "color": "#b58b2a", "columns": [["10"], ["11", "12", "13"]],
-         "note": NOTE_TRAIN_COMMON + "\n\nMemory: FLUX at 720 px needs a 48-80 GB GPU; lower max_batch, "
+        {"title": "4. Train", "color": "#b58b2a", "columns": [["10", "20"], ["11", "12", "13"]],
+         "note": NOTE_TRAIN_COMMON + "\n\nTrainer Settings: FLUX guidance 3.5 (FLUX-dev's distilled guidance), cfg 1."
+                 "\n\nMemory: FLUX at 720 px needs a 48-80 GB GPU; lower max_batch, "
                  "max_train_batch or the resolution, keep gradient_checkpointing on auto, or load the UNET in fp8."},
         {"title": "5. Try the trained model", "color": "#444", "columns": [["14", "15", "16"], ["17", "18", "19"]],
          "note": "Samples with the MODEL output of the Trainer (base + trained LoRA). FLUX.1-dev is guidance-"
@@ -196,7 +203,7 @@ SD35 = {
         "7": _advantage(),
         "8": _pruning(),
         "9": _trainer(["1", 0], ["2", 0], ["1", 2], ["4", 0], ["5", 0], ["3", 0], ["6", 0], ["7", 0], ["8", 0],
-                      "sd35m_pickscore", cfg=4.5, negative_prompt="", max_batch=8),
+                      ["18", 0], "sd35m_pickscore"),
         "10": {"class_type": "BranchGRPOSaveLoRA", "inputs": {"lora": ["9", 1],
                                                               "filename": "branchgrpo/sd35m_pickscore",
                                                               "overwrite": True}},
@@ -208,6 +215,7 @@ SD35 = {
         "15": _ksampler(["9", 0], ["13", 0], ["14", 0], ["3", 0], steps=28, cfg=4.5, title="KSampler (trained model)"),
         "16": {"class_type": "VAEDecode", "inputs": {"samples": ["15", 0], "vae": ["1", 2]}},
         "17": {"class_type": "SaveImage", "inputs": {"images": ["16", 0], "filename_prefix": "branchgrpo/sd35m"}},
+        "18": _settings(cfg=4.5, negative_prompt="", max_batch=8),
     },
     "groups": [
         {"title": "1. Models (stock loaders)", "color": "#3f789e", "columns": [["1", "2"]],
@@ -220,9 +228,10 @@ SD35 = {
                  "processor in models/reward_models/. Swap in the HPS or ImageReward loader, or mix several with "
                  "Reward Mix. 512x512 as in Flow-GRPO's SD3.5 runs."},
         {"title": "3. BranchGRPO settings", "color": "#a1309b", "columns": [["6", "7", "8"]],
-         "note": "Flow-GRPO's SDE (noise level a = 0.7) on a 20-step schedule forking at 0,3,6,9 (K=2). SD3.5 "
-                 "needs real CFG: the Trainer runs with cfg 4.5, so each model call costs two evaluations."},
-        {"title": "4. Train", "color": "#b58b2a", "columns": [["9"], ["10", "11", "12"]],
+         "note": "Flow-GRPO's SDE (noise level a = 0.7) on a 20-step schedule forking at 0,3,6,9 (K=2), fork noise "
+                 "scale auto (1.0 for this SDE: 4.0 would leave the leaves noisy). SD3.5 needs real CFG: Trainer "
+                 "Settings sets cfg 4.5, so each model call costs two evaluations."},
+        {"title": "4. Train", "color": "#b58b2a", "columns": [["9", "18"], ["10", "11", "12"]],
          "note": NOTE_TRAIN_COMMON + "\n\nMemory: about 24 GB at 512 px with cfg; lower max_batch / "
                  "max_train_batch first if it runs out."},
         {"title": "5. Try the trained model", "color": "#444", "columns": [["13", "14"], ["15", "16", "17"]],
@@ -248,8 +257,7 @@ WAN = {
         "8": _advantage(),
         "9": _pruning(),
         "10": _trainer(["1", 0], ["2", 0], ["3", 0], ["5", 0], ["6", 0], ["4", 0], ["7", 0], ["8", 0], ["9", 0],
-                       "wan21_t2v_hps", cfg=5.0, negative_prompt=WAN_NEGATIVE, max_batch=4, max_train_batch=1,
-                       iterations=200),
+                       ["19", 0], "wan21_t2v_hps", iterations=200),
         "11": {"class_type": "BranchGRPOSaveLoRA", "inputs": {"lora": ["10", 1],
                                                               "filename": "branchgrpo/wan21_t2v_hps",
                                                               "overwrite": True}},
@@ -266,6 +274,7 @@ WAN = {
         "18": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["17", 0], "filename_prefix": "branchgrpo/wan21",
                                                             "fps": 16.0, "lossless": False, "quality": 90,
                                                             "method": "default"}},
+        "19": _settings(cfg=5.0, negative_prompt=WAN_NEGATIVE, max_batch=4, max_train_batch=1),
     },
     "groups": [
         {"title": "1. Models (stock loaders)", "color": "#3f789e", "columns": [["1", "2", "3"]],
@@ -280,7 +289,7 @@ WAN = {
         {"title": "3. BranchGRPO settings", "color": "#a1309b", "columns": [["7", "8", "9"]],
          "note": "The same tree as for images: video latents [C, T, H, W] go through the same rollout, advantages "
                  "and loss. Shift 8 matches Wan 2.1's own sampling schedule."},
-        {"title": "4. Train", "color": "#b58b2a", "columns": [["10"], ["11", "12", "13"]],
+        {"title": "4. Train", "color": "#b58b2a", "columns": [["10", "19"], ["11", "12", "13"]],
          "note": NOTE_TRAIN_COMMON + "\n\nWan needs real CFG (cfg 5 with the negative prompt): each model call "
                  "costs two evaluations. max_train_batch 1 keeps video activations small."},
         {"title": "5. Try the trained model", "color": "#444", "columns": [["14", "15"], ["16", "17", "18"]],
@@ -472,6 +481,7 @@ def regenerate(names=None, workflows=True) -> list[Path]:
             workflow = json.loads(page.js(BUILD_JS, build_spec(name)))
             workflow.setdefault("extra", {})["branchgrpo"] = {"title": SOURCES[name]["title"]}
             workflow["extra"].pop("ds", None)  # the viewport of the generating page: not part of the file
+            workflow_templates.apply(workflow, name)
             path = WORKFLOWS_DIR / f"{name}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(workflow, indent=2) + "\n")
