@@ -210,8 +210,9 @@ class StandInDecoder(torch.nn.Module):
 
 
 def real_vae(kind: str):
-    """The family's real VAE architecture on the meta device (sizes only)."""
-    with torch.device("meta"):
+    """The family's real VAE architecture (ComfyUI's classes, untrained weights; only its shapes are used).
+    Built on the CPU, not on ``meta``: ComfyUI's VAE attention asks the tensor's device for its free memory."""
+    with torch.device("cpu"):
         if kind == "kl16":
             from comfy.ldm.models.autoencoder import AutoencoderKL
             dd = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -233,7 +234,7 @@ def hps_sizes(chunk: int, dtype=torch.bfloat16) -> dict:
     from branchgrpo.memory import LiveTensors, module_bytes
     cfg_dir = COMFY_DIR / "comfy"
     vision_cfg = json.loads((cfg_dir / "clip_vision_config_h.json").read_text())
-    text_cfg = json.loads((cfg_dir / "sd2_clip_config.json").read_text())
+    text_cfg = json.loads((cfg_dir / "text_encoders" / "sd2_clip_config.json").read_text())
     with torch.device("meta"):
         vision = comfy.clip_model.CLIPVisionModelProjection(vision_cfg, dtype, "meta", comfy.ops.manual_cast)
         text = comfy.clip_model.CLIPTextModel(text_cfg, dtype, "meta", comfy.ops.manual_cast)
@@ -563,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-tokens", type=int, default=512, help="text tokens of the conditioning (T5: 512)")
     ap.add_argument("--saved", action="store_true", help="also count the bytes saved for backward per block")
     ap.add_argument("--table", action="store_true", help="size the README memory table (full depth, no arithmetic)")
+    ap.add_argument("--plain-checkpoint-saves", action="store_true",
+                    help="experiment: size the table with nodes.comfy_model's copy-on-save hook inside checkpointed "
+                         "blocks turned off (what checkpointing gives when the graph keeps no copies)")
     ap.add_argument("--ratios", action="store_true", help="seconds per iteration of --presets side by side")
     ap.add_argument("--presets", default=",".join(RATIO_PRESETS), help="presets for --ratios")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of --ratios (presets interleaved)")
@@ -580,6 +584,8 @@ def main(argv=None) -> dict:
     cm, mprobe = import_comfy(cpu=device.type == "cpu")
     torch.manual_seed(0)
     result: dict = {"runs": []}
+    if args.plain_checkpoint_saves:
+        cm._OutOfPlaceOnBlockInputs.saved_tensor_hooks = lambda self: contextlib.nullcontext()
     if args.table:
         rows = memory_table(args, cm, mprobe)
         result["table"] = rows
