@@ -352,7 +352,8 @@ def config_differences(saved: dict, current: dict, ignore=(), prefix: str = "") 
 
 def read_resumable_checkpoint(ckpt: str, config: TrainerConfig, iterations: int) -> dict:
     """The checkpoint's state if this run can continue it; otherwise an error naming every difference."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; the optimizer state must stay trainable
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
     where = os.path.dirname(ckpt)
     try:
         saved = json.loads(state["config"])
