@@ -146,7 +146,7 @@ def fake_twin(model_patcher, keep: Sequence[int] | None, mode: FakeTensorMode):
 
 def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig, *, rollout_batch: int,
                 train_batch: int, checkpointing: bool, text_tokens: int = 512, guidance: float | None = 3.5,
-                metrics_batch: int = 0,
+                metrics_batch: int = 0, conditioning: list | None = None,
                 keep: Sequence[int] | None = None, count_saved: bool = False, fake: bool = True) -> dict:
     """Transient bytes of one rollout call and of one update chunk on a fake twin (no arithmetic); with
     ``fake=False`` the same calls on the model itself, computed (the measurement the sizing is checked against)."""
@@ -156,7 +156,11 @@ def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig
         dm = twin.model.diffusion_model
         frozen = list(twin.model.parameters()) + list(twin.model.buffers())
         mp, lora = attach_lora(twin, lora_cfg, seed=0, device=CPU)
-        call = SamplingCall(mp, random_conditioning(dm, text_tokens, guidance), latent_shape)
+        if conditioning is None:
+            cond = random_conditioning(dm, text_tokens, guidance)
+        else:  # the run's own conditioning (a family's extra inputs, e.g. attention masks), as fakes
+            cond = _as_fake(conditioning, mode) if fake else conditioning
+        call = SamplingCall(mp, cond, latent_shape)
         out: dict[str, Any] = {"blocks": [len(b) for b in block_lists(dm).values()]}
         x = torch.randn(max(rollout_batch, metrics_batch), *latent_shape)
         live = LiveTensors()
@@ -191,6 +195,17 @@ def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig
     return out
 
 
+def _as_fake(value, mode):
+    """``value`` (conditioning: lists, tuples and dicts of tensors) with every tensor replaced by a fake."""
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value)
+    if isinstance(value, dict):
+        return {k: _as_fake(v, mode) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_fake(v, mode) for v in value)
+    return value
+
+
 def probe_depths(full: Sequence[int]) -> list[tuple[int, ...]]:
     """The depths probed: one block per list, then one more in each list alone (lists of one block stay)."""
     base = tuple(min(1, f) for f in full)
@@ -212,10 +227,23 @@ def probe_full_depth(model_patcher, latent_shape, lora_cfg: LoRAConfig, **kwargs
     return out
 
 
+class _DecodeOnly(torch.nn.Module):
+    """A VAE object that is not a torch module, seen as one with no weights."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self._vae = vae
+
+    def decode(self, z):
+        return self._vae.decode(z)
+
+
 def vae_probe(vae, latent_shape: Sequence[int], batch: int) -> dict:
     """Weights and the transient bytes of decoding ``batch`` latents with the VAE (its real weights, fake
     inputs, no gradients); ``image_bytes_per_leaf``: one decoded leaf as float32 pixels."""
     fsm = getattr(vae, "first_stage_model", vae)
+    if not isinstance(fsm, torch.nn.Module):  # a VAE-like object without torch weights: only its decode counts
+        fsm = _DecodeOnly(vae)
     weights = sum(module_bytes(fsm).values())
     dtype = next((p.dtype for p in fsm.parameters()), torch.float32)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -257,7 +285,7 @@ def reward_weight_bytes(rewards: Iterable[Any]) -> int:
 def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora_cfg: LoRAConfig, *,
                    checkpointing: bool, num_prompts: int = 1, text_tokens: int = 512, guidance: float | None = 3.5,
                    vae=None, vae_sizes: dict | None = None, decode_batch: int | None = None,
-                   reward_weights: int = 0, reward_chunk: int = 0) -> RunMemory:
+                   reward_weights: int = 0, reward_chunk: int = 0, conditioning: list | None = None) -> RunMemory:
     """The peak of a training run with ``config`` (a :class:`~branchgrpo.trainer.TrainerConfig`), per phase.
 
     ``vae``: probed for its decode (``vae_sizes`` instead gives the sizes: ``weights``, ``decode_chunk``,
@@ -273,7 +301,7 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
     metrics_batch = min(getattr(config, "kl_metric_parents", 0), config.max_batch, inner)
     probes = probe_full_depth(model_patcher, latent_shape, lora_cfg, rollout_batch=rollout_batch,
                               train_batch=train_batch, checkpointing=checkpointing, text_tokens=text_tokens,
-                              guidance=guidance, metrics_batch=metrics_batch)
+                              guidance=guidance, metrics_batch=metrics_batch, conditioning=conditioning)
     decode_batch = min(int(decode_batch or config.max_batch), tree["leaves"])
     if vae_sizes is None and vae is not None:
         vae_sizes = vae_probe(vae, latent_shape, decode_batch)

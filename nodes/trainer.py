@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io
 
 import comfy.model_management
+import comfy.sample
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -25,7 +26,7 @@ from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
 
 from . import inputs, memory_policy, memory_probe
 from . import types as T
-from .comfy_model import ComfyFlowModel, attach_lora, model_family, require_flow_model
+from .comfy_model import ComfyFlowModel, attach_lora, encode_prompt, model_family, require_flow_model
 from .comfy_model import gradient_checkpointing as checkpointing_blocks
 from .method import Method
 from .preview import PREVIEW_MAX_SIZE, PreviewKeeper
@@ -118,7 +119,8 @@ class ComfyProgress(Callback):
 
 
 def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
-                       num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None):
+                       num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None,
+                       conditioning=None):
     """The run's peak per phase, predicted before iteration 1 with the accounting ``bench.scale`` measures
     (:func:`nodes.memory_probe.predict_memory`: FakeTensor probes of one model call of each kind at the run's
     shape, weights by dtype, LoRA + AdamW, the trees). ``weights_dtype``: the dtype the base weights will be
@@ -126,7 +128,8 @@ def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoR
     run = memory_probe.predict_memory(model, latent_shape, config, lora_cfg, checkpointing=checkpointing,
                                       num_prompts=num_prompts, text_tokens=memory_probe.TEXT_TOKENS,
                                       guidance=guidance, vae=vae, decode_batch=decode_batch,
-                                      reward_weights=memory_probe.reward_weight_bytes(rewards))
+                                      reward_weights=memory_probe.reward_weight_bytes(rewards),
+                                      conditioning=conditioning)
     if weights_dtype is not None:
         memory_probe.set_weights(run, memory_policy.weight_bytes(model, weights_dtype))
     return run
@@ -195,7 +198,9 @@ class TrainerNode(io.ComfyNode):
         rewards, weights, aggregation = unpack_reward(reward)
         if not RUN_NAME.match(run_name or ""):
             raise ValueError(run_name_error(run_name))
-        samples = latent["samples"]
+        # An empty latent is shaped for the model as the KSampler does it (channels of an all-zero latent,
+        # a frame axis for video-shaped models such as Qwen-Image).
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         latent_shape = tuple(samples.shape[1:])
         channels = model.model.latent_format.latent_channels
         if latent_shape[0] != channels:
@@ -233,15 +238,22 @@ class TrainerNode(io.ComfyNode):
                                     base_weights=s.get("base_weights", "auto"),
                                     release_models=s.get("release_models", "auto"))
         eval_count = len(prompts.get("eval") or []) if config.eval_every else 0
-        run_memory = predict_run_memory(
-            model, latent_shape, config, lora_cfg, checkpointing=use_gc,
-            num_prompts=len(prompts["train"]) + eval_count, guidance=s.flux_guidance, vae=vae, rewards=rewards,
-            decode_batch=memory.decode_batch, weights_dtype=memory_policy.FP8.get(memory.base_weights))
-        if run_memory.peak > budget:
+        try:
+            run_memory = predict_run_memory(
+                model, latent_shape, config, lora_cfg, checkpointing=use_gc,
+                num_prompts=len(prompts["train"]) + eval_count, guidance=s.flux_guidance, vae=vae, rewards=rewards,
+                decode_batch=memory.decode_batch, weights_dtype=memory_policy.FP8.get(memory.base_weights),
+                conditioning=encode_prompt(clip, prompts["train"][0], s.flux_guidance))
+        except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
+            log.warning("BranchGRPO %s: the memory prediction is unavailable for this %s model (%s: %s); the run "
+                        "is not checked against the budget.", run_name, model_family(model), type(e).__name__, e)
+            run_memory = None
+        if run_memory is not None and run_memory.peak > budget:
             raise ValueError(memory_probe.budget_message(NODE, run_memory, int(budget)))
-        mem = run_memory.to_dict()
+        mem = run_memory.to_dict() if run_memory is not None else {}
         ckpt = os.path.join(checkpoint_dir(run_name), "checkpoint.pt")
-        info = (f"predicted memory: {run_memory.summary()}; gradient checkpointing {'on' if use_gc else 'off'}; "
+        predicted = run_memory.summary() if run_memory is not None else f"unavailable for {model_family(model)}"
+        info = (f"predicted memory: {predicted}; gradient checkpointing {'on' if use_gc else 'off'}; "
                 f"{memory.describe()}")
         log.info("BranchGRPO %s: %s", run_name, info)
 

@@ -72,10 +72,9 @@ FAMILIES = [
     Family("flux2", "Flux2", "dev:flux2", (32, 8, 0, False), ("tiny", 128),
            _empty("EmptyFlux2LatentImage", width=64, height=64)),
     Family("chroma", "Chroma", "dev:chroma", (32, 8, 0, False), ("stock", "taesd_vae"), SD3_LATENT),
-    # Qwen-Image's latent is a one-frame video [B, 16, 1, H, W] (the KSampler adds the frame axis to an
-    # Empty SD3 Latent; the Trainer takes the latent as given).
-    Family("qwen_image", "QwenImage", "dev:qwen_image", (32, 8, 0, False), ("tiny", 16),
-           _empty("EmptyHunyuanLatentVideo", width=64, height=64, length=1)),
+    # Qwen-Image's latent is a one-frame video [B, 16, 1, H, W]; users wire an Empty SD3 Latent, and the
+    # Trainer adds the frame axis as the KSampler does.
+    Family("qwen_image", "QwenImage", "dev:qwen_image", (32, 8, 0, False), ("tiny", 16), SD3_LATENT),
     Family("mochi", "GenmoMochi", "dev:mochi", (32, 8, 0, True), ("tiny", 12),
            _empty("EmptyMochiLatentVideo", width=64, height=64, length=7)),
     Family("ltxv", "LTXV", "dev:ltxv", (32, 8, 0, True), ("tiny", 128),
