@@ -123,13 +123,25 @@ def race_one(base: ToyVelocityModel, name: str, seed: int, args: Any, base_x0: t
             "optimizer_steps": sum(int(h["optimizer_steps"]) for h in trainer.history)}
 
 
-def mean_curve(runs: Sequence[dict]) -> list[tuple[float, float, float]]:
-    """``(seconds, mean reward, std reward)`` over seeds, point by point (the k-th evaluation of every run)."""
-    n = min(len(r["curve"]) for r in runs)
+def on_grid(curve: Sequence[dict], budget: float, evals: int) -> list[dict]:
+    """The run's evaluation at each grid time ``k * budget / evals`` (k = 0..evals): the first one made at
+    or after it. An iteration longer than the interval crosses two grid times at once, and both read the
+    evaluation made after it; the last grid time reads the final evaluation."""
     out = []
-    for k in range(n):
-        ts = [r["curve"][k]["seconds"] for r in runs]
-        rs = [r["curve"][k]["reward"] for r in runs]
+    for k in range(evals + 1):
+        g = budget * k / evals
+        out.append(next((p for p in curve if p["seconds"] >= g - 1e-9), curve[-1]))
+    return out
+
+
+def mean_curve(runs: Sequence[dict], budget: float, evals: int) -> list[tuple[float, float, float]]:
+    """``(seconds, mean reward, std reward)`` over seeds at each grid time; the seconds are the mean training
+    clock of the evaluations read there."""
+    grids = [on_grid(r["curve"], budget, evals) for r in runs]
+    out = []
+    for k in range(evals + 1):
+        ts = [g[k]["seconds"] for g in grids]
+        rs = [g[k]["reward"] for g in grids]
         out.append((statistics.mean(ts), statistics.mean(rs), statistics.stdev(rs) if len(rs) > 1 else 0.0))
     return out
 
@@ -141,8 +153,8 @@ def time_to(curve: list[tuple[float, float, float]], target: float) -> float | N
     return None
 
 
-def summarise(runs: dict[str, list[dict]]) -> dict:
-    curves = {name: mean_curve(rs) for name, rs in runs.items()}
+def summarise(runs: dict[str, list[dict]], budget: float, evals: int) -> dict:
+    curves = {name: mean_curve(rs, budget, evals) for name, rs in runs.items()}
     dance = runs["dancegrpo"]
     target = statistics.mean(r["final_reward"] for r in dance)
     t_dance = time_to(curves["dancegrpo"], target)
@@ -233,6 +245,8 @@ def table(result: dict) -> str:
 
 
 def run(args: Any) -> int:
+    if getattr(args, "from_json", ""):
+        return resummarise(args)
     names = tuple(n for n in args.presets.split(",") if n) or (QUICK_RACE if args.quick else RACE_PRESETS)
     if "dancegrpo" not in names:
         names = ("dancegrpo",) + names
@@ -253,7 +267,7 @@ def run(args: Any) -> int:
             runs[name].append(r)
             print(f"[seed {seed}] {name:16s} {r['iterations']:3d} it  reward {ref['reward']:.4f} -> "
                   f"{r['final_reward']:.4f}  NFE {r['model_evaluations']}  drift {r['drift']:.4f}", flush=True)
-    result = summarise(runs)
+    result = summarise(runs, args.budget, args.evals)
     result.update({
         "budget_seconds": args.budget, "evaluations_per_run": args.evals, "seeds": seeds,
         "reward": args.reward, "base_reward": ref["reward"], "heldout_prompts": list(HELDOUT),
@@ -264,10 +278,26 @@ def run(args: Any) -> int:
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
         "runs": {n: [{k: v for k, v in r.items()} for r in rs] for n, rs in runs.items()},
     })
+    write(result, args)
+    print(f"({time.time() - t_start:.0f} s)")
+    return 0
+
+
+def write(result: dict, args: Any) -> None:
     atomic_write(args.out, lambda fh: fh.write(json.dumps(result, indent=2).encode()))
     png = args.png or os.path.splitext(args.out)[0] + ".png"
-    plot(result, png, f"held-out {args.reward} (ODE, {args.eval_seeds} seeds x {len(HELDOUT)} prompts) vs "
-                      f"training seconds; {seeds} seed(s), band = +-1 std")
+    plot(result, png, f"held-out {result['reward']} (ODE, {result['eval_seeds']} seeds x "
+                      f"{len(result['heldout_prompts'])} prompts) vs training seconds; {result['seeds']} seed(s), "
+                      "band = +-1 std")
     print(table(result))
-    print(f"wrote {args.out} and {png} ({time.time() - t_start:.0f} s)")
+    print(f"wrote {args.out} and {png}")
+
+
+def resummarise(args: Any) -> int:
+    """``--from-json FILE``: the table, JSON and PNG again from the runs a race saved (no training)."""
+    with open(args.from_json) as fh:
+        old = json.load(fh)
+    result = summarise(old["runs"], old["budget_seconds"], old["evaluations_per_run"])
+    result.update({k: v for k, v in old.items() if k not in ("target", "race")})
+    write(result, args)
     return 0

@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     race.add_argument("--reward", default="colorfulness",
                       help="colorfulness (default), jpeg_compressibility, brightness, saturation or contrast")
     race.add_argument("--png", default="", help="curve image (default: --out with .png)")
+    race.add_argument("--from-json", default="", help="re-summarise the runs saved in a race's JSON (no training)")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="checkpoint every transformer block in the update: the regime FLUX-size training runs in "
                          "(and the Trainer's default for models over 1 GB); --no-gradient-checkpointing turns it off")

@@ -42,7 +42,7 @@ def test_time_to_target_reads_the_seed_mean_curve():
             "slow": [{"curve": [{"seconds": 0.0, "reward": 0.0}, {"seconds": 20.0, "reward": 1.0}],
                       "final_reward": 1.0, "model_evaluations": 80, "drift": 0.0, "iterations": 2,
                       "optimizer_steps": 2}]}
-    res = race.summarise(runs)
+    res = race.summarise(runs, 20.0, 2)
     assert res["target"]["reward"] == 2.0
     assert res["race"]["dancegrpo"]["time_to_target_ratio"] == 1.0
     assert res["race"]["fast"]["time_to_target_ratio"] == 0.25
