@@ -68,8 +68,15 @@ class DemoModelConfig(comfy.supported_models_base.BASE):
     memory_usage_factor = 0.05
     supported_inference_dtypes = [torch.float32]
 
+    net_config: ToyDiTConfig | None = None  # set by build_demo_model
+
     def inpaint_model(self):
         return False
+
+    def get_model(self, state_dict, prefix="", device=None):
+        """A fresh (untrained) demo model of the same configuration, as ComfyUI's model configs give (the
+        Trainer's memory prediction builds one under FakeTensorMode)."""
+        return DemoFlowModel(self, _comfy_ops(DemoDiT(self.net_config)), device=device)
 
 
 class DemoDiT(ToyDiT):
@@ -149,8 +156,9 @@ def build_demo_model(path: str = DEMO_FILE):
         net = _comfy_ops(DemoDiT(config))
         net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         net.eval().requires_grad_(False)
-        base = DemoFlowModel(DemoModelConfig(dict(DemoModelConfig.unet_config)), net,
-                             device=comfy.model_management.unet_offload_device())
+        model_config = DemoModelConfig(dict(DemoModelConfig.unet_config))
+        model_config.net_config = config
+        base = DemoFlowModel(model_config, net, device=comfy.model_management.unet_offload_device())
     mp = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                           offload_device=comfy.model_management.unet_offload_device())
     return mp, names
