@@ -15,6 +15,10 @@ runs. Decode and reward are stand-ins in the run (ComfyUI's TAESD decoder with r
 for video; the weight-free colourfulness reward), so their *time* is not the real one; the memory table
 accounts the real ones instead (below).
 
+**Attention.** ComfyUI is imported with PyTorch's attention (``--use-pytorch-cross-attention``: SDPA, what it
+uses on CUDA GPUs), so that the sizes do not depend on the free RAM of the moment (ComfyUI's CPU default chunks
+attention by it).
+
 **Memory.** On a GPU, ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` per phase. On a CPU, the
 exact bytes held at each phase's peak (``branchgrpo.memory``): parameters and buffers by dtype, LoRA + AdamW
 state, conditioning, the trees, and every tensor the phase creates while it is alive (``LiveTensors``); the
@@ -98,6 +102,9 @@ def import_comfy(cpu: bool = True):
     import comfy.cli_args
     if cpu:
         comfy.cli_args.args.cpu = True
+    # PyTorch's attention (SDPA), as ComfyUI uses on CUDA GPUs. Its CPU default (sub-quadratic chunks sized by
+    # the free RAM of the moment) would make activation sizes depend on the machine's free memory.
+    comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401
     if PACK not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
@@ -265,7 +272,7 @@ def trainer_config(preset_name: str, args, latent) -> "object":
             p.depth_stop = max(1, int(round(p.depth_stop * factor))) if p.depth_stop else p.depth_stop
     if args.group_size:
         s.group_size = args.group_size
-    if args.split_steps is not None:
+    if args.split_steps is not None and s.split_steps:  # tree presets only; flat groups stay flat
         s.split_steps = tuple(int(v) for v in args.split_steps.split(",") if v.strip())
     cfg.max_batch = args.max_batch
     cfg.optim.max_train_batch = args.max_train_batch

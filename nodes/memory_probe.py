@@ -207,8 +207,10 @@ def _as_fake(value, mode):
 
 
 def probe_depths(full: Sequence[int]) -> list[tuple[int, ...]]:
-    """The depths probed: one block per list, then one more in each list alone (lists of one block stay)."""
-    base = tuple(min(1, f) for f in full)
+    """The depths probed: two blocks per list (the first and the last: the peak inside the costliest kind of
+    block is in the base), then one more block in each list alone (what every further block adds: the
+    inputs a checkpointed block keeps, nothing in a no-grad pass). Lists shorter than that are probed whole."""
+    base = tuple(min(2, f) for f in full)
     depths = [base]
     for i, f in enumerate(full):
         if f > base[i]:

@@ -29,8 +29,10 @@ done
 EXTRA=()
 if [ "$DEVICE" = cpu ]; then
   # the CPU form: full width, one block per list, a tiny shape and tree, the demo left to scripts/demo.sh
-  RES=64 STEPS=4 TOKENS=8 DEMO=0
-  EXTRA=(--lora-rank 4 --lora-targets "*qkv*" --max-batch 16 --max-train-batch 16 --iterations 1)
+  # (a smoke test of this script: 2 steps, 4 roots, the tree forking once; run bench.scale --ratios for ratios)
+  RES=64 STEPS=2 TOKENS=8 DEMO=0
+  EXTRA=(--group-size 4 --split-steps 0 --lora-rank 4 --lora-targets "*qkv*" --max-batch 16 --max-train-batch 16
+         --iterations 1)
 else
   EXTRA=(--iterations 2 --max-batch 16 --max-train-batch 8)
 fi
