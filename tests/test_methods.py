@@ -270,6 +270,15 @@ def shrink(cfg: TrainerConfig) -> TrainerConfig:
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared CPU, two threads of a small model mostly wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("name", NEW_PRESETS)
 def test_new_preset_raises_the_heldout_reward_of_the_toy_dit(name):
     from branchgrpo.models.toy_dit import CLASS_NAMES
