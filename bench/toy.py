@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.race:
+        threads = torch.get_num_threads()
         if not args.threads:  # one thread: on a shared CPU two threads of a small model mostly wait on each other
             torch.set_num_threads(1)
         from bench import race
@@ -171,7 +172,10 @@ def main(argv=None) -> int:
             args.prompts = 1
         if args.quick:
             args.eval_seeds = min(args.eval_seeds, 4)
-        return race.run(args)
+        try:
+            return race.run(args)
+        finally:
+            torch.set_num_threads(threads)  # called from a test, leave the process as it was
     names = tuple(n for n in args.presets.split(",") if n) or (QUICK_PRESETS if args.quick else PRESET_ORDER)
     iterations = args.iterations or (3 if args.quick else 20)
     seeds = args.seeds or (1 if args.quick else 3)

@@ -35,8 +35,8 @@ def test_time_to_target_reads_the_seed_mean_curve():
                                      {"seconds": 20.0, "reward": 2.0}],
                            "final_reward": 2.0, "model_evaluations": 100, "drift": 0.1, "iterations": 4,
                            "optimizer_steps": 4}],
-            "fast": [{"curve": [{"seconds": 0.0, "reward": 0.0}, {"seconds": 5.0, "reward": 2.5},
-                                {"seconds": 10.0, "reward": 3.0}],
+            "fast": [{"curve": [{"seconds": 0.0, "reward": 0.0}, {"seconds": 10.5, "reward": 2.5},
+                                {"seconds": 20.0, "reward": 3.0}],
                       "final_reward": 3.0, "model_evaluations": 50, "drift": 0.2, "iterations": 4,
                       "optimizer_steps": 4}],
             "slow": [{"curve": [{"seconds": 0.0, "reward": 0.0}, {"seconds": 20.0, "reward": 1.0}],
@@ -45,5 +45,8 @@ def test_time_to_target_reads_the_seed_mean_curve():
     res = race.summarise(runs, 20.0, 2)
     assert res["target"]["reward"] == 2.0
     assert res["race"]["dancegrpo"]["time_to_target_ratio"] == 1.0
-    assert res["race"]["fast"]["time_to_target_ratio"] == 0.25
+    assert res["race"]["fast"]["time_to_target_ratio"] == 10.5 / 20.0
     assert res["race"]["slow"]["time_to_target_ratio"] is None
+    # a run whose one long iteration crossed two grid times reads the same evaluation at both
+    assert [p["reward"] for p in res["race"]["slow"]["curve"]] == [0.0, 1.0, 1.0]
+    assert res["race"]["fast"]["final_reward"] == res["race"]["fast"]["curve"][-1]["reward"] == 3.0
