@@ -130,3 +130,4 @@ def test_bench_scale_cpu_one_block(comfy_modules, tmp_path, family, resolution, 
     assert run["peak_bytes_full_depth"] > measured
     weights = sum(run["weights_by_dtype"].values())
     assert weights > 0.5 * measured  # at this small shape the weights dominate the peak
+
