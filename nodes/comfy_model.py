@@ -177,13 +177,18 @@ class _OutOfPlaceOnBlockInputs(TorchFunctionMode):
     def saved_tensor_hooks(self):
         """Saved-tensor hooks: a tracked tensor is saved as a copy, so in-place updates of the block's inputs that
         cannot be made out of place (LTX-Video: ``x.addcmul_(attn, gate)`` after ``rms_norm(x)`` saved ``x``; the
-        statement does not rebind ``x``) leave the saved value intact. Other tensors go to the hooks active
-        outside (gradient checkpointing's), or are saved as usual."""
+        statement does not rebind ``x``) leave the saved value intact. With hooks active outside (gradient
+        checkpointing's), every tensor, copied or not, goes to them; otherwise other tensors are saved as usual."""
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
 
         def pack(t):
             if id(t) in self.ids:
-                return True, t.clone()
+                t = t.clone()
+                if not outer:
+                    return True, t
+            # Checkpointed: the copy goes to checkpointing's hooks, which drop it in the forward and keep it
+            # only from the block's recomputation to its backward (a copy kept here would last until the
+            # backward and undo checkpointing's savings).
             return False, (outer[0](t) if outer else t)
 
         def unpack(packed):
