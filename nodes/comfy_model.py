@@ -180,9 +180,12 @@ class _OutOfPlaceOnBlockInputs(TorchFunctionMode):
         statement does not rebind ``x``) leave the saved value intact. With hooks active outside (gradient
         checkpointing's), every tensor, copied or not, goes to them; otherwise other tensors are saved as usual."""
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        # The hooks live as long as what they saved (until the backward): they hold the set of ids only, never
+        # the block's tensors (``self.keep``), which are released when the block returns.
+        ids = self.ids
 
         def pack(t):
-            if id(t) in self.ids:
+            if id(t) in ids:
                 t = t.clone()
                 if not outer:
                     return True, t
