@@ -23,7 +23,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,40 @@ from torch import Tensor, nn
 
 from .fileio import atomic_write
 
-__all__ = ["LoRAConfig", "LoRA", "freeze_base", "save_lora", "save_state_dict", "load_lora_file"]
+__all__ = ["TrainableAdapter", "LoRAConfig", "LoRA", "freeze_base", "save_lora", "save_state_dict", "load_lora_file"]
 
 _UP = ".lora_up.weight"
 _DOWN = ".lora_down.weight"
 _ALPHA = ".alpha"
 _LIST_LIMIT = 8  # how many names an error message lists before eliding the rest
+
+
+@runtime_checkable
+class TrainableAdapter(Protocol):
+    """All the engine needs of an adapter, whatever implements it.
+
+    ``comfy.weight_adapter``'s LoRA / LoHa / LoKr / OFT implement it in ``nodes/`` (weight wrappers on a
+    ComfyUI MODEL); ``peft`` implements it on a torch module in the headless path. The trainer never
+    looks inside: it optimises :meth:`parameters`, evaluates the reference policy under :meth:`disabled`,
+    checkpoints :meth:`state_dict`, and the run's file is :meth:`comfy_state_dict`.
+    """
+
+    def parameters(self) -> Iterator[Tensor]:
+        """The adapter's tensors; those with ``requires_grad`` are trained."""
+
+    def disabled(self) -> ContextManager[None]:
+        """Inside: the model acts as the base model (the KL / reference policy)."""
+
+    def state_dict(self) -> Mapping[str, Tensor]:
+        """Every tensor needed to restore the adapter exactly (the checkpoint's ``adapter`` entry)."""
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> Any:
+        """Inverse of :meth:`state_dict`; tensors of another shape raise ``RuntimeError``."""
+
+    def comfy_state_dict(self) -> dict[str, Tensor]:
+        """The adapter in ComfyUI's key format (``diffusion_model.<module>.lora_up.weight``, ``.hada_w1_a``,
+        ``.lokr_w1``, ``.oft_blocks``, ``.alpha``, ``.diff``, ``.diff_b``, ...): CPU tensors that the stock
+        LoRA loaders consume completely."""
 
 
 @dataclass
@@ -318,6 +346,10 @@ class LoRA(nn.Module):
         return hook
 
     # ------------------------------------------------------------------ ComfyUI format
+
+    def comfy_state_dict(self) -> dict[str, Tensor]:
+        """:class:`TrainableAdapter`: :meth:`to_comfy_state_dict` with the ``diffusion_model`` prefix."""
+        return self.to_comfy_state_dict()
 
     def to_comfy_state_dict(self, prefix: str = "diffusion_model") -> dict[str, Tensor]:
         """Tensors in ComfyUI's LoRA key format: contiguous CPU copies in the adapter dtype.
