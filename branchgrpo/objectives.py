@@ -299,6 +299,14 @@ def forward_update(model: Any, cond: Any, x0: torch.Tensor, index: torch.Tensor,
     ``index``: the conditioning row of each sample; ``adv``: its advantage; ``group``: its group
     (the prompt). The loss is the mean over samples and timesteps (DGPO: its group form divided by
     the number of samples). A sample whose loss is not finite is dropped before the backward.
+
+    Samples are taken in units of whole groups (noise shared per group is drawn per unit), and a unit
+    goes through the model in calls of at most ``optim.max_train_batch`` rows, so the update's memory is
+    that of ``max_train_batch`` whatever the group size. NFT and AWM are sums of per-sample terms. DGPO's
+    term couples a group (``softplus`` of a sum over it): a group larger than ``max_train_batch`` is
+    evaluated twice, first without gradients to get every member's denoising error and from them each
+    member's exact coefficient ``d loss / d dsm_i``, then in ``max_train_batch`` calls with gradients,
+    backpropagating ``sum_i coef_i * dsm_i`` (one extra forward per sample, counted in ``nfe_train``).
     """
     params = [p for p in params if p.requires_grad]
     device = torch.device(device)
@@ -312,86 +320,161 @@ def forward_update(model: Any, cond: Any, x0: torch.Tensor, index: torch.Tensor,
     denom = n_total * len(steps)
     sigmas = schedule.sigmas()
     adv = adv.float().clamp(-cfg.adv_clip, cfg.adv_clip)
-    chunks = _chunks(group, max(1, optim.max_train_batch))
-    total_calls, done = len(steps) * len(chunks), 0
+    max_batch = max(1, optim.max_train_batch)
+    units = _chunks(group, max_batch)
+    calls_per_step = sum(-(-u.numel() // max_batch) * (2 if cfg.name == "dgpo" and u.numel() > max_batch else 1)
+                         for u in units)
+    total_calls, done = len(steps) * calls_per_step, 0
     optimizer.zero_grad(set_to_none=True)
     for step in steps:
         t_val = float(sigmas[step])
-        for idx in chunks:
-            if hook is not None:
-                hook("train", done, total_calls)
-            done += 1
-            xc = x0[idx].to(device).float()
-            gc = group[idx]
+        for unit in units:
+            gu = group[unit]
+            n_unit = unit.numel()
             if cfg.shared_noise:
-                uniq, inv = torch.unique(gc, return_inverse=True)
-                eps = torch.randn((uniq.numel(), *xc.shape[1:]), generator=generator)[inv].to(device)
+                uniq, inv = torch.unique(gu, return_inverse=True)
+                eps_u = torch.randn((uniq.numel(), *x0.shape[1:]), generator=generator)[inv]
             else:
-                eps = torch.randn(xc.shape, generator=generator).to(device)
-            t = torch.full((xc.shape[0],), t_val, dtype=torch.float32, device=device)
-            xt = (1.0 - t_val) * xc + t_val * eps
-            target = eps - xc
-            t_model = quantize_timestep(t, schedule.timestep_quantum) if schedule.timestep_quantum > 0 else t
-            xin = xt if dtype is None else xt.to(dtype)
-            ic = index[idx].to(device)
-            a = adv[idx].to(device)
+                eps_u = torch.randn((n_unit, *x0.shape[1:]), generator=generator)
+            parts = [torch.arange(i, min(i + max_batch, n_unit)) for i in range(0, n_unit, max_batch)]
 
-            def call() -> torch.Tensor:
-                return model.velocity(xin, t_model, cond, ic).float()
+            def inputs(part: torch.Tensor):
+                idx = unit[part]
+                xc = x0[idx].to(device).float()
+                eps = eps_u[part].to(device)
+                t = torch.full((xc.shape[0],), t_val, dtype=torch.float32, device=device)
+                xt = (1.0 - t_val) * xc + t_val * eps
+                t_model = quantize_timestep(t, schedule.timestep_quantum) if schedule.timestep_quantum > 0 else t
+                xin = xt if dtype is None else xt.to(dtype)
+                ic = index[idx].to(device)
+                return xc, eps, t, xt, (lambda: model.velocity(xin, t_model, cond, ic).float())
 
-            v_old = v_ref = None
-            with torch.no_grad():
-                if cfg.needs_old_forward() and old_policy is not None:
-                    with old_policy.active():
-                        v_old = call()
+            def side_forwards(call: Callable[[], torch.Tensor], rows: int):
+                v_old = v_ref = None
+                with torch.no_grad():
+                    if cfg.needs_old_forward() and old_policy is not None:
+                        with old_policy.active():
+                            v_old = call()
+                        stats["nfe_train"] += rows
+                    if cfg.needs_reference():
+                        with (reference() if reference is not None else nullcontext()):
+                            v_ref = call()
+                        stats["nfe_train"] += rows
+                return v_old, v_ref
+
+            if cfg.name == "dgpo" and len(parts) > 1:
+                # Pass 1, no gradients: every member's errors, hence the group sums and the exact coefficients.
+                dsm_all, ref_all, clip_all, vref_all = [], [], [], []
+                for part in parts:
+                    if hook is not None:
+                        hook("train", done, total_calls)
+                    done += 1
+                    xc, eps, t, xt, call = inputs(part)
+                    v_old, v_ref = side_forwards(call, xc.shape[0])
+                    with torch.no_grad():
+                        v = call()
                     stats["nfe_train"] += xc.shape[0]
-                if cfg.needs_reference():
-                    with (reference() if reference is not None else nullcontext()):
-                        v_ref = call()
+                    target = eps - xc
+                    dsm = _mean((target - v) ** 2)
+                    dsm_all.append(dsm)
+                    ref_all.append(_mean((target - v_ref) ** 2))
+                    vref_all.append(v_ref)
+                    if cfg.dgpo_clip_range > 0 and v_old is not None:
+                        clip_all.append(dgpo_clip_mask(dsm, _mean((target - v_old) ** 2), adv[unit[part]].to(device),
+                                                       cfg.dgpo_clip_range))
+                    else:
+                        clip_all.append(torch.zeros_like(dsm, dtype=torch.bool))
+                dsm_u, ref_u, clip_u = torch.cat(dsm_all), torch.cat(ref_all), torch.cat(clip_all)
+                a_u = adv[unit].to(device)
+                stats["clipfrac"] += float(clip_u.float().sum())
+                finite = torch.isfinite(dsm_u) & torch.isfinite(ref_u)
+                bad_groups = torch.unique(gu[~finite.cpu()])
+                finite = finite & ~torch.isin(gu, bad_groups).to(finite.device)
+                leaf = dsm_u.detach().clone().requires_grad_(True)
+                g_dev = gu.to(device)
+                if finite.any():
+                    total = dgpo_loss(leaf[finite], ref_u[finite], a_u[finite], g_dev[finite], cfg.dpo_beta)
+                    coef = torch.autograd.grad(total, leaf)[0]
+                else:
+                    total, coef = dsm_u.sum() * 0.0, torch.zeros_like(dsm_u)
+                coef = torch.where(finite & ~clip_u, coef, torch.zeros_like(coef))
+                kl_sum = 0.0
+                # Pass 2, with gradients, max_train_batch rows per call.
+                for k, part in enumerate(parts):
+                    if hook is not None:
+                        hook("train", done, total_calls)
+                    done += 1
+                    xc, eps, t, xt, call = inputs(part)
+                    v = call()
                     stats["nfe_train"] += xc.shape[0]
-            v = call()
-            stats["nfe_train"] += xc.shape[0]
-            if cfg.name == "diffusionnft":
-                vo = v_old if v_old is not None else v.detach()
-                r = nft_reward_weight(a, cfg.adv_clip)
-                per = nft_loss(v, vo, xt, xc, t, r, cfg.nft_beta, cfg.adv_clip)
-            elif cfg.name == "awm":
-                logp = awm_logprob(v, target, t, cfg.awm_weighting, cfg.ghuber_power)
-                a_awm = a / cfg.adv_clip * cfg.awm_adv_max
-                # On-policy: the old log-likelihood is the current one, detached (ratio 1, gradient -A grad logp).
-                per = awm_loss(logp, logp.detach(), a_awm, cfg.awm_clip_range)
-                if cfg.old_kl_beta > 0 and v_old is not None:
-                    per = per + cfg.old_kl_beta * velocity_kl(v, v_old)
-            else:  # dgpo
-                dsm = _mean((target - v) ** 2)
-                dsm_ref = _mean((target - v_ref) ** 2)
-                if cfg.dgpo_clip_range > 0 and v_old is not None:
-                    clip = dgpo_clip_mask(dsm, _mean((target - v_old) ** 2), a, cfg.dgpo_clip_range)
-                    stats["clipfrac"] += float(clip.float().sum())
-                    dsm = torch.where(clip, dsm.detach(), dsm)
-                per = None
-            kl = velocity_kl(v, v_ref) if cfg.kl_beta > 0 and v_ref is not None else None
-            if per is not None:
+                    dsm = _mean((eps - xc - v) ** 2)
+                    sl = slice(int(part[0]), int(part[-1]) + 1)
+                    surrogate = (coef[sl] * dsm).sum()
+                    if cfg.kl_beta > 0:
+                        kl = velocity_kl(v, vref_all[k])
+                        fin = finite[sl]
+                        surrogate = surrogate + cfg.kl_beta * kl[fin].sum()
+                        kl_sum += float(kl.detach()[fin].sum())
+                    if finite[sl].any():
+                        (surrogate / denom).backward()
+                stats["loss"] += float(total.detach()) + cfg.kl_beta * kl_sum
+                stats["kl"] += kl_sum
+                stats["edges_skipped_nonfinite"] += int((~finite).sum())
+                stats["edges_trained"] += int(finite.sum())
+                continue
+
+            for part in parts:
+                if hook is not None:
+                    hook("train", done, total_calls)
+                done += 1
+                xc, eps, t, xt, call = inputs(part)
+                gc = gu[part]
+                a = adv[unit[part]].to(device)
+                target = eps - xc
+                v_old, v_ref = side_forwards(call, xc.shape[0])
+                v = call()
+                stats["nfe_train"] += xc.shape[0]
+                if cfg.name == "diffusionnft":
+                    vo = v_old if v_old is not None else v.detach()
+                    r = nft_reward_weight(a, cfg.adv_clip)
+                    per = nft_loss(v, vo, xt, xc, t, r, cfg.nft_beta, cfg.adv_clip)
+                elif cfg.name == "awm":
+                    logp = awm_logprob(v, target, t, cfg.awm_weighting, cfg.ghuber_power)
+                    a_awm = a / cfg.adv_clip * cfg.awm_adv_max
+                    # On-policy: the old log-likelihood is the current one, detached (ratio 1, gradient -A grad logp).
+                    per = awm_loss(logp, logp.detach(), a_awm, cfg.awm_clip_range)
+                    if cfg.old_kl_beta > 0 and v_old is not None:
+                        per = per + cfg.old_kl_beta * velocity_kl(v, v_old)
+                else:  # dgpo, whole groups in this call
+                    dsm = _mean((target - v) ** 2)
+                    dsm_ref = _mean((target - v_ref) ** 2)
+                    if cfg.dgpo_clip_range > 0 and v_old is not None:
+                        clip = dgpo_clip_mask(dsm, _mean((target - v_old) ** 2), a, cfg.dgpo_clip_range)
+                        stats["clipfrac"] += float(clip.float().sum())
+                        dsm = torch.where(clip, dsm.detach(), dsm)
+                    per = None
+                kl = velocity_kl(v, v_ref) if cfg.kl_beta > 0 and v_ref is not None else None
+                if per is not None:
+                    if kl is not None:
+                        per = per + cfg.kl_beta * kl
+                    finite = torch.isfinite(per.detach())
+                    total = per[finite].sum()
+                else:
+                    finite = torch.isfinite(dsm.detach()) & torch.isfinite(dsm_ref)
+                    # A group with a non-finite member is dropped whole (its preference is undefined).
+                    bad_groups = torch.unique(gc[~finite.cpu()])
+                    finite = finite & ~torch.isin(gc, bad_groups).to(finite.device)
+                    total = dgpo_loss(dsm[finite], dsm_ref[finite], a[finite], gc.to(device)[finite], cfg.dpo_beta) \
+                        if finite.any() else dsm.sum() * 0.0
+                    if kl is not None:
+                        total = total + cfg.kl_beta * kl[finite].sum()
+                stats["edges_skipped_nonfinite"] += int((~finite).sum())
+                if finite.any():
+                    (total / denom).backward()
+                stats["loss"] += float(total.detach())
                 if kl is not None:
-                    per = per + cfg.kl_beta * kl
-                finite = torch.isfinite(per.detach())
-                total = per[finite].sum()
-            else:
-                finite = torch.isfinite(dsm.detach()) & torch.isfinite(dsm_ref)
-                # A group with a non-finite member is dropped whole (its preference is undefined).
-                bad_groups = torch.unique(gc[~finite.cpu()])
-                finite = finite & ~torch.isin(gc, bad_groups).to(finite.device)
-                total = dgpo_loss(dsm[finite], dsm_ref[finite], a[finite], gc.to(device)[finite], cfg.dpo_beta) \
-                    if finite.any() else dsm.sum() * 0.0
-                if kl is not None:
-                    total = total + cfg.kl_beta * kl[finite].sum()
-            stats["edges_skipped_nonfinite"] += int((~finite).sum())
-            if finite.any():
-                (total / denom).backward()
-            stats["loss"] += float(total.detach())
-            if kl is not None:
-                stats["kl"] += float(kl.detach()[finite].sum())
-            stats["edges_trained"] += int(finite.sum())
+                    stats["kl"] += float(kl.detach()[finite].sum())
+                stats["edges_trained"] += int(finite.sum())
     if dist is not None:
         dist.all_reduce_grads(params)
     gn = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
