@@ -378,7 +378,7 @@ def forward_update(model: Any, cond: Any, x0: torch.Tensor, index: torch.Tensor,
                     dsm = _mean((target - v) ** 2)
                     dsm_all.append(dsm)
                     ref_all.append(_mean((target - v_ref) ** 2))
-                    vref_all.append(v_ref)
+                    vref_all.append(v_ref if cfg.kl_beta > 0 else None)  # kept only for the KL term
                     if cfg.dgpo_clip_range > 0 and v_old is not None:
                         clip_all.append(dgpo_clip_mask(dsm, _mean((target - v_old) ** 2), adv[unit[part]].to(device),
                                                        cfg.dgpo_clip_range))
