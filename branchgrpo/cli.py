@@ -238,8 +238,9 @@ def lora_metadata(cfg, family: str, iteration: int, latent_shape) -> dict[str, s
         "branchgrpo.method": "BranchGRPO", "branchgrpo.format": "comfyui-lora", "branchgrpo.source": "diffusers",
         "branchgrpo.config": json.dumps(cfg.trainer.to_dict()), "branchgrpo.base_model": family,
         "branchgrpo.iterations": str(iteration), "branchgrpo.run_name": cfg.run.name,
-        "branchgrpo.lora": json.dumps({"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                                       "targets": list(cfg.lora.targets), "exclude": list(cfg.lora.exclude)}),
+        "branchgrpo.lora": json.dumps({"algorithm": cfg.lora.algorithm, "rank": cfg.lora.rank,
+                                       "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
+                                       "exclude": list(cfg.lora.exclude)}),
         "branchgrpo.reward": ",".join(r.name for r in cfg.rewards),
         "branchgrpo.latent_shape": json.dumps(list(latent_shape)),
     }
@@ -252,7 +253,8 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
 
     from .config_file import ConfigError, dump_config, write_text_atomic
     from .distributed import SingleProcess, TorchDistributed
-    from .lora import LoRA, LoRAConfig, freeze_base, save_state_dict
+    from .lora import LoRAConfig, save_state_dict
+    from .peft_adapter import PeftAdapter
     from .models import diffusers_adapter as da
     from .trainer import BranchGRPOTrainer
 
@@ -295,7 +297,7 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
                 m.requires_grad_(False).eval()
         transformer = pipe.transformer
         transformer.eval()
-        freeze_base(transformer)
+        transformer.requires_grad_(False)
         try:
             model = da.DiffusersFlowModel(
                 pipe, family, width=cfg.model.width, height=cfg.model.height, frames=cfg.model.frames,
@@ -306,20 +308,23 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
             raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
         lcfg = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
                           exclude=tuple(cfg.lora.exclude))
-        try:
-            lora = LoRA(transformer, lcfg, dtype=torch.float32, device=device, seed=cfg.trainer.seed)
-        except ValueError as e:
-            raise ConfigError("lora.targets", str(e)) from None
-        unmapped = da.unmapped_modules(transformer, family, lora.names)
+        from .lora import select_linear
+        unmapped = da.unmapped_modules(transformer, family, [n for n, _ in select_linear(transformer, lcfg)])
         if unmapped:
             raise ConfigError("lora.targets", f"{len(unmapped)} adapted module(s) have no ComfyUI equivalent, so the "
-                                              f"LoRA could not load in ComfyUI: {unmapped[:6]}; exclude them "
+                                              f"adapter could not load in ComfyUI: {unmapped[:6]}; exclude them "
                                               "(lora.exclude) or narrow lora.targets")
-        lora.attach(transformer)
+        try:
+            lora = PeftAdapter(transformer, lcfg, cfg.lora.algorithm, seed=cfg.trainer.seed, dtype=torch.float32,
+                               layout=da.comfy_layout(transformer, family))
+        except ValueError as e:
+            field = "lora.rank" if "block" in str(e) and cfg.lora.algorithm == "OFT" else "lora.targets"
+            raise ConfigError(field, str(e)) from None
+        lora.to(device)
         if cfg.model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if cfg.model.fsdp:
-            da.shard_transformer(transformer, device)
+            da.shard_transformer(transformer, device, ignored=set(lora.parameters()))
         model.precompute(cfg.prompts)
         if cfg.model.release_text_encoders:
             model.release_text_encoders()
@@ -342,17 +347,18 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
             write_text_atomic(os.path.join(cfg.run_dir, "config.toml"),
                               dump_config(cfg, docs=False, header=f"Resolved config of run {cfg.run.name}"))
             mode = f"{world} processes ({'FSDP' if cfg.model.fsdp else 'replicated'})" if world > 1 else "1 process"
-            log.info("BranchGRPO %s: %s on %s %s, %s, latent %s, LoRA %d modules (%s params), %d prompts, "
+            log.info("BranchGRPO %s: %s on %s %s, %s, latent %s, %s %d modules (%s params), %d prompts, "
                      "%d iterations%s; loaded in %.1fs", cfg.run.name, family, device, str(dtype).split(".")[-1],
-                     mode, tuple(model.latent_shape), len(lora.names),
-                     da.human_count(da.lora_param_count(transformer, lora.names, lcfg.rank)), len(cfg.prompts),
+                     mode, tuple(model.latent_shape), cfg.lora.algorithm, len(lora.names),
+                     da.human_count(lora.num_parameters()), len(cfg.prompts),
                      cfg.trainer.iterations, f", resuming at {resumed_from}" if source else "", load_s)
         trainer.callbacks.extend(_make_callbacks(cfg, trainer.iteration, is_main))
 
         def save_all() -> None:
             trainer.save_checkpoint(ckpt)  # rank 0 writes; every rank waits
+            # DoRA's / OFT's conversion reads the base weights: with FSDP every rank gathers them
+            sd = lora.comfy_state_dict() if is_main or cfg.model.fsdp else None
             if is_main:
-                sd = da.comfy_lora_state_dict(lora, transformer, family)
                 save_state_dict(cfg.lora_path, sd, lora_metadata(cfg, family, trainer.iteration, model.latent_shape))
 
         until = cfg.trainer.iterations if stop_after is None else min(cfg.trainer.iterations, stop_after)

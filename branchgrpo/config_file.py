@@ -156,8 +156,13 @@ class ModelSection:
 
 @dataclass
 class LoRASection:
+    algorithm: str = "LoRA"
+    """The adapter, trained with peft: 'LoRA', 'LoHa', 'LoKr', 'OFT' (ComfyUI's weight adapter names) or 'DoRA'.
+    The file is in ComfyUI's key format for each (DoRA: lora_up/down + dora_scale; OFT: the exact weight
+    difference, .diff, since peft's OFT rotates inputs and ComfyUI's oft_blocks rotate outputs)."""
     rank: int = 16
-    """LoRA rank (4-64 is usual)."""
+    """LoRA rank (4-64 is usual); LoHa / LoKr: their rank; OFT: the block size (must divide every adapted
+    layer's input size)."""
     alpha: float = 16.0
     """LoRA alpha; the update is scaled by alpha / rank."""
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
@@ -531,6 +536,10 @@ def _validate(cfg: RunConfig, check_files: bool) -> None:
 
     # -- lora
     lo = cfg.lora
+    from .peft_adapter import algorithm_error  # (peft itself is imported only when an adapter is built)
+    problem = algorithm_error(lo.algorithm)
+    if problem:
+        raise ConfigError("lora.algorithm", problem)
     if lo.rank < 1:
         raise ConfigError("lora.rank", f"must be an integer >= 1 (got {lo.rank}); typical values are 4-64")
     if not (math.isfinite(lo.alpha) and lo.alpha > 0):

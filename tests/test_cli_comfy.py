@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny_diffusers as td
-from branchgrpo.lora import LoRA, LoRAConfig
+from branchgrpo.lora import LoRAConfig
 from branchgrpo.models import diffusers_adapter as da
+from branchgrpo.peft_adapter import PeftAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
@@ -65,12 +66,13 @@ def _transformer(family: str, folder: Path):
                                                                         local_files_only=True).eval()
 
 
-def _random_lora(root, rank=2, alpha=3.0) -> LoRA:
-    lora = LoRA(root, LoRAConfig(rank=rank, alpha=alpha, targets=("*",)), seed=0)
+def _random_lora(root, rank=2, alpha=3.0) -> PeftAdapter:
+    lora = PeftAdapter(root, LoRAConfig(rank=rank, alpha=alpha, targets=("*",)), seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for a in lora.adapters:
-            a.up.copy_(torch.randn(a.up.shape, generator=g))
+        for n in lora.names:
+            up = lora.layers[n].lora_B["default"].weight
+            up.copy_(torch.randn(up.shape, generator=g))
     return lora
 
 
@@ -101,7 +103,7 @@ def _apply_lora_in_comfy(comfy, model, lora_sd: dict) -> dict[str, torch.Tensor]
     return {k: after[k].float() - before[k].float() for k in before}
 
 
-def _expected_from_table(table: dict, lora: LoRA, shapes: dict) -> dict[str, torch.Tensor]:
+def _expected_from_table(table: dict, lora: PeftAdapter, shapes: dict) -> dict[str, torch.Tensor]:
     """The update of each ComfyUI weight implied by ComfyUI's diffusers->ComfyUI table."""
     out = {k: torch.zeros(s) for k, s in shapes.items()}
     for name in lora.names:
@@ -154,10 +156,10 @@ def test_flux_lora_keys_load_in_comfyui(comfy, tiny):
 def test_sd3_lora_keys_load_in_comfyui(comfy, tiny):
     """SD3: the diffusers transformer is loaded by ComfyUI itself (diffusers-format detection)."""
     tr = _transformer("sd3", tiny["sd3"])
-    lora = _random_lora(tr)
-    sd = da.comfy_lora_state_dict(lora, tr, "sd3")
     mp = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in tr.state_dict().items()})
     assert mp is not None and type(mp.model).__name__ == "SD3"
+    lora = _random_lora(tr)  # (peft wraps the adapted Linears in place)
+    sd = da.comfy_lora_state_dict(lora, tr, "sd3")
     applied = _apply_lora_in_comfy(comfy, mp.model, sd)
     table = comfy.utils.mmdit_to_diffusers(mp.model.model_config.unet_config, output_prefix="diffusion_model.")
     _compare(applied, _expected_from_table(table, lora, {k: v.shape for k, v in mp.model.state_dict().items()}))

@@ -15,14 +15,14 @@ SD3 gets pooled CLIP projections; Wan takes video latents ``[N, C, T, H, W]``. D
 VAE's scaling (``scaling_factor``/``shift_factor``, or Wan's per-channel mean/std) and returns ComfyUI's
 IMAGE layout ``[N, H, W, 3]`` (video ``[N, T, H, W, 3]``) in ``[0, 1]``.
 
-LoRA: the engine's :class:`~branchgrpo.lora.LoRA` (forward hooks) on the diffusers module names;
-:func:`comfy_lora_state_dict` exports it in ComfyUI's native key format
-``diffusion_model.<ComfyUI module>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha``, the format of
-the node pack's own LoRAs and one that ComfyUI's ``model_lora_keys_unet`` maps for every model. Diffusers
-splits some of ComfyUI's fused layers (FLUX/SD3 ``qkv``, FLUX's single-block ``linear1`` = q, k, v and
-the MLP input); their adapters are merged exactly into one LoRA of the fused layer (``down`` stacked,
-``up`` block-diagonal at each part's row offset, rank = sum of ranks, alpha scaled so alpha / rank is
-unchanged). Rows that diffusers stores in another order (``norm_out``'s scale/shift) are swapped back.
+Adapters: ``peft``'s (:class:`~branchgrpo.peft_adapter.PeftAdapter`) on the diffusers module names;
+:func:`comfy_layout` maps each diffusers Linear to its ComfyUI module (row offset, swapped halves), and
+the adapter is exported under ComfyUI's native names ``diffusion_model.<ComfyUI module>.lora_up.weight`` /
+``.hada_w1_a`` / ``.lokr_w1`` / ``.dora_scale`` / ``.diff`` ..., which ComfyUI's ``model_lora_keys_unet``
+maps for every model. Diffusers splits some of ComfyUI's fused layers (FLUX/SD3 ``qkv``, FLUX's
+single-block ``linear1`` = q, k, v and the MLP input); their adapters are merged exactly into one adapter
+of the fused layer (LoRA / DoRA / LoHa factors block-diagonally, LoKr / OFT as one weight difference).
+Rows that diffusers stores in another order (``norm_out``'s scale/shift) are swapped back.
 """
 from __future__ import annotations
 
@@ -442,7 +442,13 @@ def comfy_layout(root: nn.Module, family: str) -> tuple[dict[str, tuple[str, int
     h = _inner_dim(root)
     rules = [(re.compile(p), t, off, sw) for p, t, off, sw in _rules(family)]
     layout, rows = {}, defaultdict(int)
+    wrapped: tuple[str, ...] = ()
     for name, mod in root.named_modules():
+        if name.startswith(wrapped):
+            continue  # inside a peft tuner layer: its base layer and adapter matrices
+        if hasattr(mod, "get_base_layer"):  # a peft tuner layer stands for the Linear it wraps
+            wrapped += (name + ".",)
+            mod = mod.get_base_layer()
         if not name or not isinstance(mod, nn.Linear):
             continue
         for pat, tmpl, off, sw in rules:
@@ -468,48 +474,30 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def comfy_lora_state_dict(lora, root: nn.Module, family: str,
+def comfy_lora_state_dict(adapter, root: nn.Module, family: str,
                           prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
-    """``lora`` (a :class:`~branchgrpo.lora.LoRA` on the diffusers module names of ``root``) in ComfyUI's key
-    format: ``{prefix}.{ComfyUI module}.lora_up.weight`` ``[out, r]``, ``.lora_down.weight`` ``[r, in]`` and
-    ``.alpha``. Parts of a fused ComfyUI layer are merged exactly (see the module doc)."""
-    layout, rows = comfy_layout(root, family)
-    missing = [n for n in lora.names if n not in layout]
+    """``adapter`` (a :class:`~branchgrpo.peft_adapter.PeftAdapter` injected into ``root``, the diffusers
+    transformer) in ComfyUI's key format under ComfyUI's module names: ``{prefix}.{ComfyUI module}.lora_up.weight``
+    / ``.hada_w1_a`` / ``.lokr_w1`` / ``.dora_scale`` / ``.diff`` ... Parts of a fused ComfyUI layer are merged
+    exactly (see :mod:`branchgrpo.peft_adapter`)."""
+    layout = comfy_layout(root, family)
+    missing = [n for n in adapter.names if n not in layout[0]]
     if missing:
-        raise ValueError(f"LoRA modules without a ComfyUI equivalent: {missing[:8]}")
-    groups: dict[str, list] = defaultdict(list)
-    for name, a in zip(lora.names, lora.adapters):
-        target, offset, swap = layout[name]
-        groups[target].append((offset, swap, a))
-    scale = float(lora.scale)
-    sd: dict[str, torch.Tensor] = {}
-    for target in sorted(groups):
-        members = sorted(groups[target], key=lambda m: m[0])
-        base = f"{prefix}.{target}" if prefix else target
-        off0, swap0, a0 = members[0]
-        if len(members) == 1 and off0 == 0 and not swap0 and a0.out_features == rows[target]:
-            up, down, alpha = a0.up.detach().float().cpu(), a0.down.detach().float().cpu(), float(lora.alpha)
-        else:
-            r = sum(a.rank for _, _, a in members)
-            down = torch.cat([a.down.detach().float().cpu() for _, _, a in members], dim=0)
-            up = torch.zeros(rows[target], r)
-            col = 0
-            for offset, swap, a in members:
-                u = a.up.detach().float().cpu()
-                up[offset:offset + u.shape[0], col:col + a.rank] = _swap_halves(u) if swap else u
-                col += a.rank
-            alpha = scale * r
-        sd[base + ".lora_up.weight"] = up.contiguous()
-        sd[base + ".lora_down.weight"] = down.contiguous()
-        sd[base + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    return sd
+        raise ValueError(f"adapted modules without a ComfyUI equivalent: {missing[:8]}")
+    saved = (adapter.layout, adapter.prefix)
+    adapter.layout, adapter.prefix = layout, prefix
+    try:
+        return adapter.comfy_state_dict()
+    finally:
+        adapter.layout, adapter.prefix = saved
 
 
 # ------------------------------------------------------------------------------------------- FSDP
-def shard_transformer(transformer: nn.Module, device: torch.device) -> int:
+def shard_transformer(transformer: nn.Module, device: torch.device, ignored: set | None = None) -> int:
     """Shard ``transformer``'s weights over the default process group with FSDP2 (``fully_shard``): each
     block of its block lists is one unit, the rest the root unit. Returns the number of units. The
-    LoRA (hooks, parameters outside the transformer) is not sharded. Works with NCCL and with gloo on CPU."""
+    ``ignored`` parameters (the adapter's, which peft puts inside the transformer) are not sharded: every
+    rank keeps them whole, and the trainer all-reduces their gradients. Works with NCCL and with gloo on CPU."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -519,19 +507,14 @@ def shard_transformer(transformer: nn.Module, device: torch.device) -> int:
     for child in transformer.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
-                fully_shard(block, mesh=mesh)
+                fully_shard(block, mesh=mesh, ignored_params=ignored or None)
                 units += 1
-    fully_shard(transformer, mesh=mesh)
+    fully_shard(transformer, mesh=mesh, ignored_params=ignored or None)
     return units + 1
-
-
-def lora_param_count(root: nn.Module, names: Sequence[str], rank: int) -> int:
-    mods = dict(root.named_modules())
-    return sum(rank * (mods[n].in_features + mods[n].out_features) for n in names)
 
 
 def human_count(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else str(n)
 
 
-__all__ += ["ModelConfigError", "lora_param_count", "human_count"]
+__all__ += ["ModelConfigError", "human_count"]
