@@ -62,7 +62,8 @@ API = {
         "model": [LOADER, 0], "clip": [LOADER, 1], "vae": [LOADER, 2], "prompts": [PROMPTS_NODE, 0],
         "reward": [REWARD, 0], "latent": [LOADER, 3], "iterations": ITERATIONS, "prompts_per_iteration": len(PROMPTS),
         "learning_rate": LEARNING_RATE, "lora_rank": 8, "lora_alpha": 8.0, "seed": 0, "schedule": [SCHEDULE, 0],
-        "settings": [TRAINER_SETTINGS, 0], "run_name": RUN_NAME, "resume": False}},
+        "settings": [TRAINER_SETTINGS, 0], "run_name": RUN_NAME, "resume": False, "algorithm": "LoRA",
+        "continue_lora": "none"}},
     # the settings that differ from the defaults (the frontend fills in the others)
     TRAINER_SETTINGS: {"class_type": "BranchGRPOTrainerSettings", "inputs": {
         "lora_targets": "*attn*,*mlp*", "max_batch": 64, "max_train_batch": 16, "gradient_checkpointing": "off"}},

@@ -1,9 +1,10 @@
 """The engine's velocity model over a ComfyUI ``ModelPatcher``, through ComfyUI's own conditioning path.
 
-* The trainable LoRA acts through ``ModelPatcher.add_weight_wrapper`` on a *clone* of the input
-  MODEL: the weight a layer uses becomes ``W + scale * up @ down``. Patches applied upstream (a LoRA
-  loaded before training) are merged into ``W`` first, so they keep acting; offloading (lowvram)
-  applies weight functions per layer as usual; the input MODEL is never modified.
+* The trainable adapters (ComfyUI's own LoRA / LoHa / LoKr / OFT training modules, ``nodes/adapters.py``) act
+  through ``ModelPatcher.add_weight_wrapper`` on a *clone* of the input MODEL: the weight a layer uses becomes
+  the module's ``f(W)`` (``W + scale * up @ down`` for LoRA). Patches applied upstream (a LoRA loaded before
+  training) are merged into ``W`` first, so they keep acting; offloading (lowvram) applies weight functions per
+  layer as usual; the input MODEL is never modified.
 * Prompts are encoded with the CLIP input (``clip.encode_from_tokens_scheduled``), FLUX guidance is
   set on the conditioning, and every model call goes through ``comfy.samplers.sampling_function``
   (``calc_cond_batch`` + CFG), so true CFG with a negative prompt, model patches and wrappers all work
@@ -14,7 +15,7 @@
   equal shape); only prompts whose conds cannot be concatenated run as separate groups.
 * Memory (``nodes/memory_policy.py``): if model management unloaded the diffusion model in between (a VAE or
   reward model needed the memory), the next call loads it again; fp8 / offloaded weights are cast per
-  layer by ComfyUI's ops and the LoRA update is added in that compute dtype.
+  layer by ComfyUI's ops and the adapter's weight function returns the weight in that compute dtype.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 import node_helpers
 
-from branchgrpo.lora import LoRA, LoRAConfig
+from branchgrpo.lora import LoRAConfig
 
 from . import memory_policy
 
@@ -84,65 +85,13 @@ def require_flow_model(model_patcher, node: str) -> None:
         "eps/v-prediction models are not supported; load a flow model instead.")
 
 
-class LoRAWeightWrapper:
-    """A ComfyUI weight function: ``W -> W + scale * up @ down`` while the LoRA is enabled."""
-
-    def __init__(self, lora: LoRA, name: str):
-        self.lora, self.name = lora, name
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` is the layer's weight as ComfyUI's ops cast it for this forward: a copy in the compute
-        dtype (an fp8 or offloaded base is upcast per layer; the stored weight stays as it is). The update
-        ``scale * up @ down`` is computed in that dtype too (bf16 on a bf16 / fp8 model), from the adapter's
-        fp32 parameters, which receive the gradients."""
-        if not self.lora.enabled:
-            return weight
-        a = self.lora.adapter(self.name)
-        up = a.up.to(device=weight.device, dtype=weight.dtype)
-        down = a.down.to(device=weight.device, dtype=weight.dtype)
-        return weight + ((up @ down) * self.lora.scale).reshape(weight.shape)
-
-    def move_to(self, device=None) -> int:
-        # The adapter stays on the compute device with its optimizer state; it is small.
-        return self.passive_memory_usage()
-
-    def passive_memory_usage(self) -> int:
-        a = self.lora.adapter(self.name)
-        return sum(p.numel() * p.element_size() for p in a.parameters())
-
-
-def prepare_base_for_training(model) -> int:
-    """Freeze the base weights and turn inference tensors into normal ones (same values, in place).
-
-    ComfyUI loads weights under ``torch.inference_mode``; autograd cannot save such tensors for the
-    backward pass, which every frozen layer above a LoRA layer needs. Returns how many were converted.
-    """
-    converted = 0
-    with torch.inference_mode(False):
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                if p.is_inference():
-                    module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-                    converted += 1
-                else:
-                    p.requires_grad_(False)
-            for name, b in list(module._buffers.items()):
-                if b is not None and b.is_inference():
-                    module._buffers[name] = b.clone()
-                    converted += 1
-    return converted
-
-
-def attach_lora(model_patcher, config: LoRAConfig, *, seed: int, device, dtype=torch.float32):
-    """Clone ``model_patcher`` and attach a fresh trainable LoRA over its diffusion model."""
-    prepare_base_for_training(model_patcher.model)
-    mp = model_patcher.clone()
-    lora = LoRA(mp.model.diffusion_model, config, dtype=dtype, device=device, seed=seed)
-    for name in lora.names:
-        mp.add_weight_wrapper(f"diffusion_model.{name}.weight", LoRAWeightWrapper(lora, name))
-    return mp, lora
+def attach_lora(model_patcher, config: LoRAConfig, *, seed: int, device, algorithm: str = "LoRA",
+                train_bias_norm: bool = False, existing=None):
+    """Clone ``model_patcher`` and attach fresh trainable adapters of ComfyUI's (``algorithm``: LoRA, LoHa, LoKr or
+    OFT; ``nodes/adapters.py``) over its diffusion model. Returns ``(clone, ComfyAdapterSet)``."""
+    from .adapters import attach_adapters
+    return attach_adapters(model_patcher, config, seed=seed, device=device, algorithm=algorithm,
+                           train_bias_norm=train_bias_norm, existing=existing)
 
 
 class _OutOfPlaceOnBlockInputs(TorchFunctionMode):

@@ -166,6 +166,8 @@ class ExportRunConfigNode(io.ComfyNode):
                 io.Int.Input("frames", default=33, min=1, max=1025, step=4, optional=True,
                              tooltip="Wan only: video frames (4k+1). Ignored for image models."),
                 *(o.input(optional=True) for o in inputs.TRAINER_INPUTS if o is not inputs.PROMPTS_PER_ITERATION),
+                inputs.ALGORITHM.input(optional=True, tooltip="The adapter the command line trains (with peft): "
+                                       "LoRA, LoHa, LoKr or OFT; every file loads with the stock LoRA loaders."),
                 inputs.PROMPTS_PER_ITERATION.input(
                     optional=True, default=8, tooltip="Trees per iteration (global batch). With torchrun they are "
                     "dealt to the GPUs: use a multiple of the number of processes."),
@@ -203,7 +205,7 @@ class ExportRunConfigNode(io.ComfyNode):
                 learning_rate=inputs.LEARNING_RATE.default, lora_rank=inputs.LORA_RANK.default,
                 lora_alpha=inputs.LORA_ALPHA.default, seed=inputs.SEED.default,
                 lora_targets=",".join(DEFAULT_LORA_TARGETS), settings=None, dtype="auto", fsdp=False,
-                nproc_per_node=8, method=None) -> io.NodeOutput:
+                nproc_per_node=8, method=None, algorithm=inputs.ALGORITHM.default) -> io.NodeOutput:
         s = inputs.TrainerSettings.of(settings)
         if not RUN_NAME.match(name or ""):
             raise ValueError(cls.validate_inputs(name=name))
@@ -236,7 +238,8 @@ class ExportRunConfigNode(io.ComfyNode):
                     "lora_file": os.path.join(loras, "branchgrpo", f"{name}.safetensors")},
             "model": model,
             "lora": {"rank": int(lora_rank), "alpha": float(lora_alpha),
-                     "targets": [t.strip() for t in (lora_targets or "").split(",") if t.strip()]},
+                     "targets": [t.strip() for t in (lora_targets or "").split(",") if t.strip()],
+                     **_algorithm_entry(algorithm)},
             "prompts": {"train": list(prompts["train"])},
             "rewards": entries,
             "training": {"iterations": int(iterations), "prompts_per_iteration": int(prompts_per_iteration),
@@ -261,6 +264,17 @@ class ExportRunConfigNode(io.ComfyNode):
         text = (f"wrote {path}\n\none process:\n  {single}\n\n{nproc_per_node} GPUs (torchrun):\n  {multi}\n\n"
                 f"LoRA -> {cfg_obj.lora_path}")
         return io.NodeOutput(path, single, ui={"text": [text]})
+
+
+def _algorithm_entry(algorithm: str) -> dict:
+    """``{"algorithm": ...}`` for the run config's [lora] section (the command line trains it with peft)."""
+    from branchgrpo.config_file import LoRASection
+    if "algorithm" in {f.name for f in dataclasses.fields(LoRASection)}:
+        return {"algorithm": algorithm}
+    if algorithm != "LoRA":
+        raise ValueError(f"{NODE}: algorithm — the command line of this version trains LoRA only; set algorithm to "
+                         "LoRA to export this run.")
+    return {}
 
 
 __all__ = ["ExportRunConfigNode", "diffusers_folders", "reward_entries", "launch_commands"]

@@ -41,9 +41,15 @@ PROMPTS_PER_ITERATION = _opt(io.Int, "prompts_per_iteration", 1, "Trees per iter
                              "grow linearly.", min=1, max=4096)
 LEARNING_RATE = _opt(io.Float, "learning_rate", 1e-4, "AdamW learning rate of the LoRA (1e-4 to 3e-4 is usual for "
                      "LoRA).", min=1e-7, max=1e-1, step=1e-6, round=1e-8)
-LORA_RANK = _opt(io.Int, "lora_rank", 16, "LoRA rank. Memory of the adapter and its optimizer state grows "
-                 "linearly.", min=1, max=512)
-LORA_ALPHA = _opt(io.Float, "lora_alpha", 16.0, "LoRA alpha; the update is scaled by alpha / rank.",
+ALGORITHM = _opt(io.Combo, "algorithm", "LoRA", "The adapter trained, as ComfyUI's own trainer offers them: LoRA "
+                 "(low rank), LoHa (Hadamard product of two low-rank pairs), LoKr (Kronecker product), OFT (orthogonal "
+                 "rotation of each layer's output). Every file loads with the stock LoRA loaders. A continued file "
+                 "keeps its own algorithm.", options=["LoRA", "LoHa", "LoKr", "OFT"])
+LORA_RANK = _opt(io.Int, "lora_rank", 16, "Adapter rank: LoRA / LoHa rank; for LoKr the Kronecker factor and for "
+                 "OFT the block size (pick one dividing the layer widths). Memory of the adapter and its optimizer "
+                 "state grows with it.", min=1, max=512)
+LORA_ALPHA = _opt(io.Float, "lora_alpha", 16.0, "LoRA / LoHa alpha: the update is scaled by alpha / rank. OFT: the "
+                  "largest norm of the rotation's generator. LoKr (full factors): unused.",
                   min=0.01, max=1024.0, step=0.01)
 SEED = _opt(io.Int, "seed", 0, "Seed of every random draw of the run (rollout noise, prompt order, LoRA "
             "initialisation).", min=0, max=2 ** 31 - 1, control_after_generate=False)
@@ -51,6 +57,17 @@ RUN_NAME = _opt(io.String, "run_name", "branchgrpo_run", "Folder of the checkpoi
                 "(letters, digits, _ . -).")
 RESUME = _opt(io.Boolean, "resume", True, "Continue from the run's checkpoint if one exists (same settings); "
               "otherwise start fresh.")
+CONTINUE_LORA = _opt(io.Combo, "continue_lora", "none", "Start from a LoRA file of models/loras (any algorithm, "
+                     "ComfyUI, kohya or diffusers names): its adapters are trained further, layers it does not cover "
+                     "get fresh ones of 'algorithm'. The optimizer starts fresh; the iteration count (and so the seeds "
+                     "and prompt order) goes on from the file's, and 'iterations' is the total. A run's checkpoint "
+                     "('resume') takes precedence and is exact.", options=["none"])
+
+
+def lora_choices() -> list[str]:
+    """The continue_lora options: "none", then the files of models/loras."""
+    import folder_paths
+    return ["none", *folder_paths.get_filename_list("loras")]
 
 TRAINER_INPUTS: tuple[Option, ...] = (ITERATIONS, PROMPTS_PER_ITERATION, LEARNING_RATE, LORA_RANK, LORA_ALPHA, SEED)
 
@@ -58,6 +75,9 @@ TRAINER_INPUTS: tuple[Option, ...] = (ITERATIONS, PROMPTS_PER_ITERATION, LEARNIN
 EXPERT_OPTIONS: tuple[Option, ...] = (
     _opt(io.String, "lora_targets", "*", "Comma-separated globs of the Linear layers to adapt, by module name in "
          "ComfyUI's diffusion model (e.g. '*attn*' or '*' for all)."),
+    _opt(io.Boolean, "train_bias_norm", False, "Also train bias and norm deltas, as ComfyUI's trainer does: a "
+         "'.diff_b' for the bias of every adapted layer, a '.diff' for the scale of every norm layer (LayerNorm, "
+         "RMSNorm, GroupNorm of ComfyUI's ops) that lora_targets selects. The stock loaders apply both."),
     _opt(io.Float, "clip_range", 1e-3, "PPO ratio clip (BranchGRPO 1e-3, DanceGRPO 1e-4).",
          min=1e-6, max=0.5, step=1e-5, round=1e-6),
     _opt(io.Float, "kl_beta", 0.0, "Weight of the KL to the base model. > 0 costs one extra forward per trained "
@@ -125,5 +145,5 @@ def settings_input(tooltip: str = "Expert settings from a Trainer Settings node 
 
 
 __all__ = ["Option", "TRAINER_INPUTS", "EXPERT_OPTIONS", "EXPERT", "TrainerSettings", "settings_input",
-           "ITERATIONS", "PROMPTS_PER_ITERATION", "LEARNING_RATE", "LORA_RANK", "LORA_ALPHA", "SEED", "RUN_NAME",
-           "RESUME"]
+           "ITERATIONS", "PROMPTS_PER_ITERATION", "LEARNING_RATE", "ALGORITHM", "LORA_RANK", "LORA_ALPHA", "SEED",
+           "RUN_NAME", "RESUME", "CONTINUE_LORA", "lora_choices"]

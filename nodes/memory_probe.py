@@ -2,7 +2,8 @@
 
 Nothing here runs arithmetic on the real model. A *twin* of the diffusion model is built from the MODEL's own
 ``model_config`` (same class, widths and weight dtypes; fp8 stays fp8) under ``FakeTensorMode`` with 1 or 2
-blocks per block list, the LoRA is attached through the same weight wrappers as in training, and one model
+blocks per block list, the adapters (the run's algorithm, ``nodes/adapters.py``) are attached through the same
+weight wrappers as in training, and one model
 call of each kind runs through ComfyUI's ``sampling_function`` while :class:`branchgrpo.memory.LiveTensors`
 follows every tensor it creates:
 
@@ -25,10 +26,11 @@ import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
 
-from branchgrpo.lora import LoRAConfig, select_linear
+from branchgrpo.lora import LoRAConfig
 from branchgrpo.memory import (LiveTensors, RunMemory, SavedTensors, extrapolate_depth, module_bytes,
                                planned_tree_bytes, plan_run)
 
+from .adapters import count_trainable
 from .comfy_model import attach_lora, gradient_checkpointing
 
 CPU = torch.device("cpu")
@@ -96,8 +98,10 @@ def conditioning_bytes(diffusion_model: torch.nn.Module, tokens: int, prompts: i
     return prompts * 4 * (tokens * ctx + (pooled or 0))
 
 
-def lora_param_count(diffusion_model: torch.nn.Module, lora_cfg: LoRAConfig) -> int:
-    return sum(lora_cfg.rank * (m.in_features + m.out_features) for _, m in select_linear(diffusion_model, lora_cfg))
+def lora_param_count(diffusion_model: torch.nn.Module, lora_cfg: LoRAConfig, algorithm: str = "LoRA",
+                     train_bias_norm: bool = False) -> int:
+    """Trainable numbers of the run's adapters (ComfyUI's modules for ``algorithm``, built on fake tensors)."""
+    return count_trainable(diffusion_model, lora_cfg, algorithm=algorithm, train_bias_norm=train_bias_norm)
 
 
 class SamplingCall:
@@ -147,7 +151,8 @@ def fake_twin(model_patcher, keep: Sequence[int] | None, mode: FakeTensorMode):
 def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig, *, rollout_batch: int,
                 train_batch: int, checkpointing: bool, text_tokens: int = 512, guidance: float | None = 3.5,
                 metrics_batch: int = 0, conditioning: list | None = None,
-                keep: Sequence[int] | None = None, count_saved: bool = False, fake: bool = True) -> dict:
+                keep: Sequence[int] | None = None, count_saved: bool = False, fake: bool = True,
+                algorithm: str = "LoRA", train_bias_norm: bool = False) -> dict:
     """Transient bytes of one rollout call and of one update chunk on a fake twin (no arithmetic); with
     ``fake=False`` the same calls on the model itself, computed (the measurement the sizing is checked against)."""
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
@@ -155,7 +160,7 @@ def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig
         twin = fake_twin(model_patcher, keep, mode) if fake else model_patcher
         dm = twin.model.diffusion_model
         frozen = list(twin.model.parameters()) + list(twin.model.buffers())
-        mp, lora = attach_lora(twin, lora_cfg, seed=0, device=CPU)
+        mp, lora = attach_lora(twin, lora_cfg, seed=0, device=CPU, algorithm=algorithm, train_bias_norm=train_bias_norm)
         if conditioning is None:
             cond = random_conditioning(dm, text_tokens, guidance)
         else:  # the run's own conditioning (a family's extra inputs, e.g. attention masks), as fakes
@@ -287,7 +292,8 @@ def reward_weight_bytes(rewards: Iterable[Any]) -> int:
 def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora_cfg: LoRAConfig, *,
                    checkpointing: bool, num_prompts: int = 1, text_tokens: int = 512, guidance: float | None = 3.5,
                    vae=None, vae_sizes: dict | None = None, decode_batch: int | None = None,
-                   reward_weights: int = 0, reward_chunk: int = 0, conditioning: list | None = None) -> RunMemory:
+                   reward_weights: int = 0, reward_chunk: int = 0, conditioning: list | None = None,
+                   algorithm: str = "LoRA", train_bias_norm: bool = False) -> RunMemory:
     """The peak of a training run with ``config`` (a :class:`~branchgrpo.trainer.TrainerConfig`), per phase.
 
     ``vae``: probed for its decode (``vae_sizes`` instead gives the sizes: ``weights``, ``decode_chunk``,
@@ -303,13 +309,14 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
     metrics_batch = min(getattr(config, "kl_metric_parents", 0), config.max_batch, inner)
     probes = probe_full_depth(model_patcher, latent_shape, lora_cfg, rollout_batch=rollout_batch,
                               train_batch=train_batch, checkpointing=checkpointing, text_tokens=text_tokens,
-                              guidance=guidance, metrics_batch=metrics_batch, conditioning=conditioning)
+                              guidance=guidance, metrics_batch=metrics_batch, conditioning=conditioning,
+                              algorithm=algorithm, train_bias_norm=train_bias_norm)
     decode_batch = min(int(decode_batch or config.max_batch), tree["leaves"])
     if vae_sizes is None and vae is not None:
         vae_sizes = vae_probe(vae, latent_shape, decode_batch)
     vae_sizes = vae_sizes or {"weights": 0, "decode_chunk": 0, "image_bytes_per_leaf": 0}
     weights = module_bytes(dm)
-    n_lora = lora_param_count(dm, lora_cfg)
+    n_lora = lora_param_count(dm, lora_cfg, algorithm, train_bias_norm)
     run = plan_run(weights=sum(weights.values()), lora_params=n_lora,
                    conditioning=conditioning_bytes(dm, text_tokens, num_prompts), tree=tree,
                    rollout_call=probes["rollout_call"], update_chunk=probes["update_chunk"],

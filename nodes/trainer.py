@@ -26,6 +26,7 @@ from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
 
 from . import inputs, memory_policy, memory_probe
 from . import types as T
+from . import adapters as adapter_sets
 from .comfy_model import ComfyFlowModel, attach_lora, encode_prompt, model_family, require_flow_model
 from .comfy_model import gradient_checkpointing as checkpointing_blocks
 from .method import Method
@@ -120,7 +121,7 @@ class ComfyProgress(Callback):
 
 def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
                        num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None,
-                       conditioning=None):
+                       conditioning=None, algorithm: str = "LoRA", train_bias_norm: bool = False):
     """The run's peak per phase, predicted before iteration 1 with the accounting ``bench.scale`` measures
     (:func:`nodes.memory_probe.predict_memory`: FakeTensor probes of one model call of each kind at the run's
     shape, weights by dtype, LoRA + AdamW, the trees). ``weights_dtype``: the dtype the base weights will be
@@ -129,7 +130,8 @@ def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoR
                                       num_prompts=num_prompts, text_tokens=memory_probe.TEXT_TOKENS,
                                       guidance=guidance, vae=vae, decode_batch=decode_batch,
                                       reward_weights=memory_probe.reward_weight_bytes(rewards),
-                                      conditioning=conditioning)
+                                      conditioning=conditioning, algorithm=algorithm,
+                                      train_bias_norm=train_bias_norm)
     if weights_dtype is not None:
         memory_probe.set_weights(run, memory_policy.weight_bytes(model, weights_dtype))
     return run
@@ -141,11 +143,12 @@ class TrainerNode(io.ComfyNode):
         return io.Schema(
             node_id="BranchGRPOTrainer", display_name="Trainer (BranchGRPO)", category=T.CATEGORY,
             is_experimental=True, not_idempotent=True,
-            description="Fine-tunes a LoRA on the MODEL with BranchGRPO: each iteration samples a branching tree "
+            description="Fine-tunes an adapter (LoRA, LoHa, LoKr or OFT) on the MODEL with BranchGRPO: each iteration samples a branching tree "
                         "per prompt, decodes and scores the leaves with the reward model, turns rewards into "
                         "per-edge advantages, prunes, and takes a PPO-clip step on the kept edges. The input "
-                        "MODEL is untouched; the output MODEL carries the trained LoRA. A checkpoint is written "
-                        "after every iteration to output/branchgrpo/<run_name>/ and 'resume' continues it.",
+                        "MODEL is untouched; the output MODEL carries the trained adapter. A checkpoint is written "
+                        "after every iteration to output/branchgrpo/<run_name>/ and 'resume' continues it; "
+                        "'continue_lora' starts from a LoRA file instead.",
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             inputs=[
                 io.Model.Input("model", tooltip="A flow-matching diffusion model (FLUX, SD3/3.5, Wan, ...). "
@@ -167,11 +170,14 @@ class TrainerNode(io.ComfyNode):
                 inputs.settings_input(),
                 inputs.RUN_NAME.input(optional=True),
                 inputs.RESUME.input(optional=True),
+                inputs.ALGORITHM.input(optional=True),
+                inputs.CONTINUE_LORA.input(optional=True, options=inputs.lora_choices()),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input MODEL with the trained LoRA applied."),
-                T.LoraModel.Output(display_name="lora", tooltip="The trained LoRA (ComfyUI key format with "
-                                   "alpha); works with Save LoRA and the native Load LoRA Model."),
+                T.LoraModel.Output(display_name="lora", tooltip="The trained adapter in ComfyUI's key format "
+                                   "(what ComfyUI's own trainer outputs); works with Save LoRA, ComfyUI's Save LoRA "
+                                   "Weights and Load LoRA Model."),
                 T.Metrics.Output(display_name="metrics", tooltip="Per-iteration metrics of the run."),
             ],
         )
@@ -186,7 +192,8 @@ class TrainerNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, prompts, reward, latent, iterations, prompts_per_iteration, learning_rate,
                 lora_rank, lora_alpha, seed, schedule=None, advantage=None, pruning=None, settings=None,
-                run_name=inputs.RUN_NAME.default, resume=inputs.RESUME.default, method=None) -> io.NodeOutput:
+                run_name=inputs.RUN_NAME.default, resume=inputs.RESUME.default, method=None,
+                algorithm=inputs.ALGORITHM.default, continue_lora=inputs.CONTINUE_LORA.default) -> io.NodeOutput:
         s = inputs.TrainerSettings.of(settings)
         # ---------------------------------------------------------- validation (before any compute)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
@@ -229,7 +236,23 @@ class TrainerNode(io.ComfyNode):
             raise ValueError(f"{NODE}: {e}") from None
         big = model.model_size() > 2 ** 30
         use_gc = s.gradient_checkpointing == "on" or (s.gradient_checkpointing == "auto" and big)
+        bias_norm = bool(s.get("train_bias_norm", False))
         count_lora_params(model, lora_cfg)  # refuses targets that match no layer
+        adapter_sets.check_rank(adapter_sets.plan_targets(model.model.diffusion_model, lora_cfg), algorithm,
+                                lora_rank, NODE)
+        existing, continued_from = None, 0
+        if continue_lora and continue_lora != "none":
+            path = folder_paths.get_full_path("loras", continue_lora)
+            if path is None:
+                raise ValueError(f"{NODE}: continue_lora — {continue_lora!r} is not a file in "
+                                 f"{', '.join(folder_paths.get_folder_paths('loras'))}; pick one of the list (refresh "
+                                 "the page after adding files) or 'none'.")
+            existing = adapter_sets.load_lora_for_training(model, path, NODE)
+            continued_from = _file_iterations(existing.metadata)
+            if continued_from >= iterations:
+                raise ValueError(f"{NODE}: iterations — {continue_lora} was trained for {continued_from} iterations "
+                                 f"and a continued run counts on from there ('iterations' is the total); set "
+                                 f"iterations above {continued_from}.")
         device = model.load_device
         budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
                   else comfy.model_management.get_total_memory(device))
@@ -243,7 +266,8 @@ class TrainerNode(io.ComfyNode):
                 model, latent_shape, config, lora_cfg, checkpointing=use_gc,
                 num_prompts=len(prompts["train"]) + eval_count, guidance=s.flux_guidance, vae=vae, rewards=rewards,
                 decode_batch=memory.decode_batch, weights_dtype=memory_policy.FP8.get(memory.base_weights),
-                conditioning=encode_prompt(clip, prompts["train"][0], s.flux_guidance))
+                conditioning=encode_prompt(clip, prompts["train"][0], s.flux_guidance), algorithm=algorithm,
+                train_bias_norm=bias_norm)
         except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
             log.warning("BranchGRPO %s: the memory prediction is unavailable for this %s model (%s: %s); the run "
                         "is not checked against the budget.", run_name, model_family(model), type(e).__name__, e)
@@ -263,7 +287,8 @@ class TrainerNode(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad():
             base = (model if memory.base_weights not in memory_policy.FP8
                     else memory_policy.with_base_dtype(model, memory_policy.FP8[memory.base_weights]))
-            mp, lora = attach_lora(base, lora_cfg, seed=seed, device=device)
+            mp, lora = attach_lora(base, lora_cfg, seed=seed, device=device, algorithm=algorithm,
+                                   train_bias_norm=bias_norm, existing=existing)
             flow = ComfyFlowModel(mp, latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
                                   guidance=s.flux_guidance, seed=seed)
             eval_prompts = list(prompts.get("eval") or []) if config.eval_every else []
@@ -277,13 +302,15 @@ class TrainerNode(io.ComfyNode):
             trainer = BranchGRPOTrainer(flow, lora, prompts["train"], rewards, decode, config, latent_shape,
                                         device=device, callbacks=[], eval_prompts=eval_prompts)
             resumed_from = 0
+            trainer.iteration = continued_from  # seeds and prompt order go on from the file's run
             if state is not None:
                 try:
                     trainer.load_state_dict(state)
                 except RuntimeError as e:  # adapter tensors of another shape: other rank or layers
-                    raise ValueError(f"{NODE}: resume — the checkpoint in {os.path.dirname(ckpt)} holds a LoRA of "
-                                     "another rank or other layers (lora_rank / lora_targets differ); restore them, "
-                                     f"set resume off, or pick a new run_name. ({str(e).splitlines()[0]})") from None
+                    raise ValueError(f"{NODE}: resume — the checkpoint in {os.path.dirname(ckpt)} holds an adapter of "
+                                     "another algorithm, rank or other layers (algorithm / lora_rank / lora_targets / "
+                                     "train_bias_norm / continue_lora differ); restore them, set resume off, or pick a "
+                                     f"new run_name. ({str(e).splitlines()[0]})") from None
                 resumed_from = trainer.iteration
             progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations, decode=decode)
             trainer.callbacks.append(progress)
@@ -294,11 +321,13 @@ class TrainerNode(io.ComfyNode):
                 trainer.train(checkpoint_path=ckpt)
             for p in lora.parameters():
                 p.requires_grad_(False)
-            lora_sd = LoraStateDict(lora.to_comfy_state_dict())
+            lora_sd = LoraStateDict(lora.comfy_state_dict())
         lora_sd.metadata = {
             "branchgrpo.method": "BranchGRPO", "branchgrpo.config": json.dumps(config.to_dict()),
             "branchgrpo.base_model": model_family(model), "branchgrpo.iterations": str(trainer.iteration),
-            "branchgrpo.lora": json.dumps({"rank": lora_rank, "alpha": lora_alpha, "targets": list(targets)}),
+            "branchgrpo.lora": json.dumps({"algorithm": algorithm, "rank": lora_rank, "alpha": lora_alpha,
+                                           "targets": list(targets), "train_bias_norm": bias_norm,
+                                           "continued_from": continue_lora if existing is not None else None}),
             "branchgrpo.reward": ",".join(getattr(r, "name", type(r).__name__) for r in rewards),
             "branchgrpo.run_name": run_name, "branchgrpo.latent_shape": json.dumps(list(latent_shape)),
         }
@@ -306,9 +335,19 @@ class TrainerNode(io.ComfyNode):
         metrics = {"run_name": run_name, "history": trainer.history, "checkpoint": ckpt,
                    "resumed_from": resumed_from, "memory_estimate": mem}
         last = trainer.history[-1] if trainer.history else {}
-        text = (f"{trainer.iteration}/{iterations} iterations (resumed from {resumed_from}); "
+        start = f"resumed from {resumed_from}" if state is not None or existing is None else \
+            f"continued from {continue_lora} at {continued_from}"
+        text = (f"{trainer.iteration}/{iterations} iterations ({start}); "
                 f"reward {last.get('reward_mean', float('nan')):.4f}; {info}")
         return io.NodeOutput(out_model, lora_sd, metrics, ui={"text": [text]})
+
+
+def _file_iterations(metadata: dict) -> int:
+    """The iterations a LoRA file was trained for, from its ``branchgrpo.iterations`` metadata (0 if absent)."""
+    try:
+        return max(0, int(str((metadata or {}).get("branchgrpo.iterations", "0")).strip()))
+    except ValueError:
+        return 0
 
 
 def run_name_error(run_name) -> str:

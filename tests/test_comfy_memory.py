@@ -25,7 +25,7 @@ def pk():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     mods = {name: importlib.import_module(f"{nve.PACK}.nodes.{name}")
-            for name in ("comfy_model", "demo_model", "memory_policy", "rewards")}
+            for name in ("adapters", "comfy_model", "demo_model", "memory_policy", "rewards")}
     yield mods
     torch.set_num_threads(threads)
 
@@ -82,7 +82,7 @@ def test_fp8_base_trains_and_its_lora_loads_with_the_stock_loader_on_bf16(pk, tm
     import comfy.sd
     import folder_paths
     import nodes as comfy_nodes  # ComfyUI's own (the pack is imported under another name)
-    from branchgrpo.lora import save_lora
+    from branchgrpo.lora import save_state_dict
 
     path = tm.write_tiny_sd3(tmp_path / "models")
     fp8 = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})  # UNETLoader fp8
@@ -91,30 +91,30 @@ def test_fp8_base_trains_and_its_lora_loads_with_the_stock_loader_on_bf16(pk, tm
     before = {id(m): m.weight.detach().clone() for m in linears}
     assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
 
-    # the LoRA's update is computed in the dtype the op casts the weight to, never in fp8
+    # the LoRA's weight function receives the weight in the dtype the op casts it to, never in fp8
     seen = []
-    cm = pk["comfy_model"]
-    orig_call = cm.LoRAWeightWrapper.__call__
+    ad = pk["adapters"]
+    orig_call = ad.AdapterSwitch.__call__
 
     def spy(self, weight):
         out = orig_call(self, weight)
         seen.append((weight.dtype, out.dtype))
         return out
 
-    cm.LoRAWeightWrapper.__call__ = spy
+    ad.AdapterSwitch.__call__ = spy
     try:
         runs = {}
         for name, model in (("fp8", fp8), ("bf16", bf16)):
             runs[name] = _train(pk, model, (16, 8, 8), _sd3_conditioning(), _sd3_decode, [_brightness],
                                 _config(4, lr=3e-2), evaluate_seeds=range(4))
     finally:
-        cm.LoRAWeightWrapper.__call__ = orig_call
+        ad.AdapterSwitch.__call__ = orig_call
     assert seen and all(w == o and w not in (torch.float8_e4m3fn, torch.float8_e5m2) for w, o in seen)
 
     for name, (trainer, lora, flow, mpl) in runs.items():
         losses = [h["loss"] for h in trainer.history]
         assert all(torch.isfinite(torch.tensor(losses))), (name, losses)
-        assert float(sum(a.up.detach().abs().sum() for a in lora.adapters)) > 0, name  # up starts at zero: it moved
+        assert float(sum(a.lora_up.weight.detach().abs().sum() for a in lora.adapters)) > 0, name  # up starts at 0
     # the frozen fp8 base is kept: still fp8, bit for bit
     assert all(m.weight.dtype == torch.float8_e4m3fn and torch.equal(m.weight.view(torch.uint8),
                                                                      before[id(m)].view(torch.uint8))
@@ -125,7 +125,7 @@ def test_fp8_base_trains_and_its_lora_loads_with_the_stock_loader_on_bf16(pk, tm
     # the fp8-trained LoRA through the stock LoraLoaderModelOnly on the bf16 model
     lora = runs["fp8"][1]
     loras = tmp_path / "loras"
-    save_lora(loras / "fp8_run.safetensors", lora)
+    save_state_dict(loras / "fp8_run.safetensors", lora.comfy_state_dict())
     saved = list(folder_paths.folder_names_and_paths["loras"][0])
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     try:
@@ -240,15 +240,16 @@ def test_lowvram_partial_load_gives_the_same_lora(pk, monkeypatch):
     LoRA equals the one of a full load."""
     import comfy.model_management as mm
     import comfy.sd
-    from branchgrpo.lora import LoRA, LoRAConfig
+    from branchgrpo.lora import LoRAConfig
 
     def upstream(mp):  # a LoRA applied before training (stock path), so lowvram layers carry LowVramPatch too
-        other = LoRA(mp.model.diffusion_model, LoRAConfig(rank=2, alpha=2.0, targets=("*attn*",)), seed=5)
+        other = pk["adapters"].build_adapters(mp.model.diffusion_model, LoRAConfig(rank=2, alpha=2.0,
+                                                                                   targets=("*attn*",)), seed=5)
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for a in other.adapters:
-                a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.05)
-        return comfy.sd.load_lora_for_models(mp, None, other.to_comfy_state_dict(), 1.0, 0)[0]
+                a.lora_up.weight.copy_(torch.randn(a.lora_up.weight.shape, generator=g) * 0.05)
+        return comfy.sd.load_lora_for_models(mp, None, other.comfy_state_dict(), 1.0, 0)[0]
 
     mp, conditioning, vae = _demo(pk)
     full = _train(pk, upstream(mp), (3, 16, 16), conditioning, vae.decode, [_colorfulness()], _config(2))
@@ -277,21 +278,21 @@ def test_lowvram_partial_load_gives_the_same_lora(pk, monkeypatch):
 
     base.clone = clone
     calls = []
-    cm = pk["comfy_model"]
-    orig_call = cm.LoRAWeightWrapper.__call__
+    ad = pk["adapters"]
+    orig_call = ad.AdapterSwitch.__call__
 
     def spy(self, weight):
         calls.append(weight.requires_grad or torch.is_grad_enabled())
         return orig_call(self, weight)
 
-    monkeypatch.setattr(cm.LoRAWeightWrapper, "__call__", spy)
+    monkeypatch.setattr(ad.AdapterSwitch, "__call__", spy)
     low = _train(pk, base, (3, 16, 16), conditioning, vae.decode, [_colorfulness()], _config(2))
     assert state["lowvram"] is True
     assert low[3].model.lowvram_patch_counter > 0  # upstream patches applied per layer, not merged
     assert any(calls)  # our wrapper ran with gradients on (the update) in lowvram
     for a, b in zip(full[1].parameters(), low[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert float(sum(p.detach().abs().sum() for n, p in low[1].named_parameters() if "up" in n)) > 0
+    assert float(sum(p.detach().abs().sum() for n, p in low[1].named_parameters() if "lora_up" in n)) > 0
 
 
 # --------------------------------------------------------------------------------- release after phase
@@ -421,10 +422,10 @@ def test_each_prompt_is_encoded_once_per_run_and_the_text_encoder_released(pk):
     assert not mpol.is_loaded(clip.patcher)
 
 
-def test_fp8_base_with_bf16_compute_adds_the_lora_in_bf16_and_trains_it_in_fp32(pk, tmp_path):
+def test_fp8_base_with_bf16_compute_returns_bf16_weights_and_trains_the_lora_in_fp32(pk, tmp_path):
     """What a GPU does with an fp8 UNETLoader model (compute dtype bf16; on CPU ComfyUI picks fp32, so it is set
-    here): each layer gets its weight cast to bf16, the LoRA update is computed in bf16 and added there, and the
-    gradients reach the fp32 adapter."""
+    here): each layer gets its weight cast to bf16; ComfyUI's LoraDiff adds its fp32 update in fp32 and rounds the
+    sum once to bf16 (never fp8), and the gradients reach the fp32 adapter."""
     import comfy.sd
     from branchgrpo.lora import LoRAConfig
     cm = pk["comfy_model"]
@@ -432,23 +433,24 @@ def test_fp8_base_with_bf16_compute_adds_the_lora_in_bf16_and_trains_it_in_fp32(
     fp8 = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})
     fp8.model.manual_cast_dtype = torch.bfloat16
     seen = []
-    orig_call = cm.LoRAWeightWrapper.__call__
+    ad = pk["adapters"]
+    orig_call = ad.AdapterSwitch.__call__
 
     def spy(self, weight):
         out = orig_call(self, weight)
-        a = self.lora.adapter(self.name)
-        in_bf16 = (a.up.to(torch.bfloat16) @ a.down.to(torch.bfloat16)) * self.lora.scale
-        seen.append((weight.dtype, out.dtype, torch.equal(out, weight + in_bf16)))
+        a = self.module
+        want = (weight.float() + (a.alpha / a.rank) * (a.lora_up.weight @ a.lora_down.weight)).to(torch.bfloat16)
+        seen.append((weight.dtype, out.dtype, torch.equal(out, want)))
         return out
 
     conditioning = _sd3_conditioning()
-    cm.LoRAWeightWrapper.__call__ = spy
+    ad.AdapterSwitch.__call__ = spy
     try:
         with torch.inference_mode(False), torch.enable_grad():
             mpl, lora = cm.attach_lora(fp8, LoRAConfig(rank=4, alpha=4.0), seed=0, device=fp8.load_device)
             with torch.no_grad():
                 for a in lora.adapters:
-                    a.up.fill_(0.01)
+                    a.lora_up.weight.fill_(0.01)
             flow = cm.ComfyFlowModel(mpl, (16, 8, 8), conditioning=conditioning, seed=0, guidance=None)
             with flow.session(4), cm.gradient_checkpointing(mpl, False):
                 g = torch.Generator().manual_seed(0)
@@ -456,10 +458,10 @@ def test_fp8_base_with_bf16_compute_adds_the_lora_in_bf16_and_trains_it_in_fp32(
                 v = flow.velocity(x, torch.tensor([0.9, 0.5, 0.2]), list(conditioning), torch.tensor([0, 1, 0]))
                 v.float().square().mean().backward()
     finally:
-        cm.LoRAWeightWrapper.__call__ = orig_call
+        ad.AdapterSwitch.__call__ = orig_call
     assert seen and all(w == torch.bfloat16 and o == torch.bfloat16 and exact for w, o, exact in seen)
     assert all(p.dtype == torch.float32 and p.grad is not None and bool(p.grad.isfinite().all())
-               for p in lora.parameters())
-    assert any(float(p.grad.abs().sum()) > 0 for p in lora.parameters())
+               for p in lora.parameters() if p.requires_grad)
+    assert any(float(p.grad.abs().sum()) > 0 for p in lora.parameters() if p.requires_grad)
     assert all(m.weight.dtype == torch.float8_e4m3fn for m in fp8.model.diffusion_model.modules()
                if isinstance(m, torch.nn.Linear))

@@ -12,8 +12,8 @@ from comfy_server import ComfyExecutionError
 from test_comfy_training import EXPERT_INPUTS, training_graph
 
 pytestmark = pytest.mark.comfy
-EVERYDAY = ["iterations", "prompts_per_iteration", "learning_rate", "lora_rank", "lora_alpha", "seed", "run_name",
-            "resume"]
+EVERYDAY = ["iterations", "prompts_per_iteration", "learning_rate", "lora_rank", "lora_alpha", "seed",
+            "run_name", "resume", "algorithm", "continue_lora"]
 
 
 @pytest.fixture(scope="module")

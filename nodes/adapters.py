@@ -1,0 +1,451 @@
+"""The Trainer's adapters: ``comfy.weight_adapter``'s training modules (LoRA, LoHa, LoKr, OFT) on a clone of the MODEL.
+
+:class:`ComfyAdapterSet` implements the engine's :class:`branchgrpo.lora.TrainableAdapter` protocol with the very
+modules ComfyUI's own trainer (``comfy_extras/nodes_train.py``) trains: ``LoraDiff``, ``LohaDiff``, ``LokrDiff``,
+``OFTDiff`` (from ``adapter_maps[algorithm].create_train`` or, when a LoRA file is continued, from
+``adapter.load(...).to_train()``) and ``BiasDiff`` for the ``.diff`` / ``.diff_b`` deltas. Each is attached with
+``ModelPatcher.add_weight_wrapper`` behind a thin :class:`AdapterSwitch` that returns the weight unchanged while
+the set is :meth:`~ComfyAdapterSet.disabled` (the reference policy). ComfyUI's ops hand a weight function the
+layer's weight in the compute dtype (an fp8 or offloaded base is cast per layer first); the modules return it in
+that dtype (LoRA, LoHa and OFT add their fp32 update in fp32 and round once, LoKr adds it in the compute dtype).
+
+Which layers: the ``nn.Linear`` layers of ``diffusion_model`` that ``LoRAConfig.targets`` / ``exclude`` select
+(:func:`branchgrpo.lora.select_linear`). With ``train_bias_norm``: a ``.diff_b`` (bias delta) for each of those
+layers that has a bias, and a ``.diff`` for the 1-D weight (scale) of every normalisation layer of ComfyUI's ops
+(LayerNorm, RMSNorm, GroupNorm) whose name the same globs select; norms without a weight, or with their scale
+outside ComfyUI's ops (FLUX's QK ``RMSNorm.scale``), have nothing a weight wrapper could change.
+
+The state in ComfyUI's key format (:meth:`~ComfyAdapterSet.comfy_state_dict`) is what ComfyUI's trainer puts in its
+``LORA_MODEL``: ``diffusion_model.<module>.<parameter name>`` over each module's ``named_parameters()`` (``alpha``
+included), ``.diff`` and ``.diff_b``; the stock ``LoraLoaderModelOnly`` and ``LoraModelLoader`` consume every key.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from branchgrpo.lora import LoRAConfig, select_linear
+
+log = logging.getLogger("BranchGRPO")
+
+ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
+NODE = "BranchGRPO Trainer"
+PREFIX = "diffusion_model."
+_LIST = 6
+
+
+def _weight_adapter():
+    try:
+        import comfy.weight_adapter as wa
+        from comfy.weight_adapter.base import factorization
+    except ImportError as e:  # pragma: no cover - ComfyUI before its trainer existed
+        raise RuntimeError(f"{NODE}: this ComfyUI has no comfy.weight_adapter ({e}); the Trainer needs ComfyUI "
+                           "0.3.75 or newer.") from None
+    return wa, factorization
+
+
+def _bias_diff_cls():
+    try:
+        from comfy_extras.nodes_train import BiasDiff
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError(f"{NODE}: train_bias_norm — ComfyUI's comfy_extras.nodes_train.BiasDiff is missing ({e});"
+                           " the bias/norm deltas need ComfyUI 0.3.75 or newer.") from None
+    return BiasDiff
+
+
+def _listing(items) -> str:
+    items = list(items)
+    return ", ".join(str(i) for i in items[:_LIST]) + (f", ... ({len(items) - _LIST} more)" if len(items) > _LIST else "")
+
+
+# ---------------------------------------------------------------------------------------------- which layers
+@dataclass(frozen=True)
+class Target:
+    """One tensor the set trains: ``kind`` "weight" (an adapter of ``algorithm`` on a Linear weight), "diff"
+    (the 1-D weight of a norm) or "diff_b" (a bias)."""
+    name: str  # module name relative to diffusion_model
+    kind: str
+    shape: tuple[int, ...]
+
+
+def _selected(name: str, config: LoRAConfig) -> bool:
+    return (any(fnmatch.fnmatchcase(name, p) for p in config.targets)
+            and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
+
+
+def plan_targets(diffusion_model: torch.nn.Module, config: LoRAConfig, *, train_bias_norm: bool = False) -> list[Target]:
+    """What a set with ``config`` trains on ``diffusion_model``, in a fixed order (sorted Linear names first)."""
+    out = [Target(n, "weight", tuple(m.weight.shape)) for n, m in select_linear(diffusion_model, config)]
+    if train_bias_norm:
+        for n, m in select_linear(diffusion_model, config):
+            if getattr(m, "bias", None) is not None:
+                out.append(Target(n, "diff_b", tuple(m.bias.shape)))
+        for n, m in sorted(diffusion_model.named_modules()):
+            if not n or isinstance(m, torch.nn.Linear) or not hasattr(m, "weight_function"):
+                continue
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 1 and _selected(n, config):
+                out.append(Target(n, "diff", tuple(w.shape)))
+                if getattr(m, "bias", None) is not None:
+                    out.append(Target(n, "diff_b", tuple(m.bias.shape)))
+    return out
+
+
+def check_rank(targets: Sequence[Target], algorithm: str, rank: int, node: str = NODE) -> None:
+    """Refuse a rank the algorithm cannot use on these layers, before anything is built.
+
+    OFT: ``rank`` is the wanted block size; ``factorization(out, rank)`` must give blocks of at least 2x2 (a 1x1
+    skew-symmetric block is 0: the layer could not change). LoKr: ``rank`` is the Kronecker factor; a factor that
+    leaves one side 1x1 makes the other as large as the weight (full fine-tuning memory)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{node}: algorithm — {algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
+    _, factorization = _weight_adapter()
+    bad = []
+    for t in targets:
+        if t.kind != "weight":
+            continue
+        out_dim, in_dim = t.shape[0], math.prod(t.shape[1:])
+        if algorithm == "OFT":
+            block_size, _ = factorization(out_dim, rank)
+            if block_size < 2:
+                bad.append(f"{t.name} (out {out_dim})")
+        elif algorithm == "LoKr":
+            o1, o2 = factorization(out_dim, rank)
+            i1, i2 = factorization(in_dim, rank)
+            if o1 * i1 + o2 * i2 >= out_dim * in_dim:
+                bad.append(f"{t.name} ({out_dim}x{in_dim})")
+    if not bad:
+        return
+    if algorithm == "OFT":
+        raise ValueError(f"{node}: lora_rank — OFT with lora_rank {rank} gives 1x1 blocks (no rotation can train) for "
+                         f"{len(bad)} layer(s): {_listing(bad)}. For OFT lora_rank is the block size: pick one that "
+                         "divides the layers' output widths (e.g. 4, 8 or 16), or exclude those layers.")
+    raise ValueError(f"{node}: lora_rank — LoKr with lora_rank {rank} factors {len(bad)} layer(s) into a Kronecker "
+                     f"product whose factors hold as many numbers as the weight itself: {_listing(bad)}. For LoKr "
+                     "lora_rank is the Kronecker factor: pick one that divides the layer widths (e.g. 4, 8 or 16).")
+
+
+# ---------------------------------------------------------------------------------------------- the modules
+def _fresh_module(t: Target, algorithm: str, rank: int, alpha: float):
+    """A new training module of ComfyUI's for ``t`` (random numbers from the current RNG)."""
+    if t.kind != "weight":
+        return _bias_diff_cls()(torch.nn.Parameter(torch.zeros(t.shape)))
+    wa, _ = _weight_adapter()
+    if algorithm == "LoRA":
+        # ComfyUI's create_train draws ``up`` and zeroes ``down``; this pack has always drawn ``down``
+        # (kaiming-uniform, as nn.Linear) and zeroed ``up``, so a seed gives the same LoRA as before.
+        from comfy.weight_adapter.lora import LoraDiff
+        out_dim, in_dim = t.shape[0], math.prod(t.shape[1:])
+        down = torch.empty(rank, in_dim)
+        torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        up = torch.zeros(out_dim, rank)
+        return LoraDiff((up, down, float(alpha), None, None, None))
+    shape_only = torch.zeros(()).expand(t.shape)  # create_train reads the shape and device only
+    return wa.adapter_maps[algorithm].create_train(shape_only, rank=rank, alpha=float(alpha))
+
+
+class AdapterSwitch:
+    """The weight function installed on a layer: the ComfyUI training module while the set is enabled, the weight
+    unchanged while it is disabled (the reference policy)."""
+
+    def __init__(self, owner: "ComfyAdapterSet", module: torch.nn.Module):
+        self.owner, self.module = owner, module
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.owner.enabled:
+            return weight
+        return self.module(weight)
+
+    def move_to(self, device=None) -> int:
+        # The module stays on the compute device: its AdamW state lives there, and moving the parameters during
+        # a partial unload would put them on another device than their optimizer state. It is small.
+        return self.passive_memory_usage()
+
+    def passive_memory_usage(self) -> int:
+        return self.module.passive_memory_usage()
+
+
+class ComfyAdapterSet(torch.nn.Module):
+    """ComfyUI training modules on the layers of one diffusion model (:class:`branchgrpo.lora.TrainableAdapter`).
+
+    ``targets[i]`` is trained by ``adapters[i]``; ``kinds[i]`` says what the module is ("lora", "loha", "lokr",
+    "oft" or "diff" / "diff_b"). :meth:`state_dict` (the checkpoint) is the modules' own; tensors of another
+    shape, another algorithm or other layers make :meth:`load_state_dict` raise ``RuntimeError``."""
+
+    def __init__(self, targets: Sequence[Target], modules: Sequence[torch.nn.Module], kinds: Sequence[str],
+                 algorithm: str, rank: int, alpha: float):
+        super().__init__()
+        self.targets = list(targets)
+        self.adapters = torch.nn.ModuleList(modules)
+        self.kinds = list(kinds)
+        self.algorithm, self.rank, self.alpha = algorithm, rank, alpha
+        self._enabled = True
+
+    # -- protocol ---------------------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def comfy_state_dict(self) -> dict[str, torch.Tensor]:
+        """``diffusion_model.<module>.<parameter>`` as ComfyUI's trainer builds its ``lora_sd``: CPU copies."""
+        sd: dict[str, torch.Tensor] = {}
+        for t, m, kind in zip(self.targets, self.adapters, self.kinds):
+            if kind in ("diff", "diff_b"):
+                sd[f"{PREFIX}{t.name}.{kind}"] = m.bias.detach().to("cpu", copy=True).contiguous()
+                continue
+            for pname, p in m.named_parameters():
+                sd[f"{PREFIX}{t.name}.{pname}"] = p.detach().to("cpu", copy=True).contiguous()
+        return sd
+
+    # -- conveniences -----------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The Linear layers carrying an adapter of the algorithm (module names relative to diffusion_model)."""
+        return [t.name for t, k in zip(self.targets, self.kinds) if k not in ("diff", "diff_b")]
+
+    def adapter(self, name: str, kind: str = "weight") -> torch.nn.Module:
+        for t, m in zip(self.targets, self.adapters):
+            if t.name == name and t.kind == kind:
+                return m
+        raise KeyError(f"{name!r} ({kind}) is not trained by this adapter set")
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The update of layer ``name``'s weight in fp32 (``module(W) - W`` at ``W = 0`` for additive adapters)."""
+        m = self.adapter(name)
+        t = next(t for t in self.targets if t.name == name and t.kind == "weight")
+        zero = torch.zeros(t.shape, device=next(m.parameters()).device)
+        return m(zero).float()
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"algorithm={self.algorithm}, rank={self.rank}, alpha={self.alpha:g}, tensors={len(self.targets)}"
+
+
+# ---------------------------------------------------------------------------------------------- continuing a file
+@dataclass
+class LoadedFile:
+    """A LoRA file turned into training modules: ``modules[(name, kind)]`` (kind "weight", "diff", "diff_b")."""
+    path: str
+    modules: dict
+    kinds: dict
+    metadata: dict
+    ignored: list
+
+
+def _neutral_alpha(adapter) -> float:
+    """The alpha that makes a training module scale as the stock loader does when the file has no ``.alpha``."""
+    name, w = adapter.name, adapter.weights
+    if name == "lora":
+        return float(w[1].shape[0])
+    if name == "loha":
+        return float(w[1].shape[0])
+    if name == "lokr":
+        w1_b, w2_b = w[4], w[6]
+        return float((w2_b if w2_b is not None else w1_b).shape[0]) if (w1_b is not None or w2_b is not None) else 1.0
+    return 0.0  # oft: no constraint
+
+
+def load_lora_for_training(model_patcher, path: str, node: str = NODE, field: str = "continue_lora") -> LoadedFile:
+    """Read a LoRA file of any algorithm for this MODEL: its keys mapped to the model's weights with ComfyUI's own
+    key map (``comfy.lora.model_lora_keys_unet``: ComfyUI, kohya and diffusers names), each module's adapter found
+    with ``adapter.load`` over ``comfy.weight_adapter.adapters`` and turned into its training module
+    (``to_train()``); ``.diff`` / ``.diff_b`` become ``BiasDiff`` modules. Keys that map to no weight of the
+    diffusion model (a text encoder's part of the file) are ignored with a warning; a file that maps to nothing,
+    a DoRA file, or an adapter ComfyUI cannot train is refused."""
+    import comfy.lora
+    import comfy.utils
+    wa, _ = _weight_adapter()
+    fname = os.path.basename(path)
+    family = type(model_patcher.model).__name__
+    with torch.inference_mode(False):  # the tensors become trainable parameters
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+        sd = {k: v.clone() for k, v in sd.items()}
+    metadata = dict(metadata or {})
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    prefixes = set()
+    for k in sd:
+        parts = k.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    dm = model_patcher.model.diffusion_model
+    modules: dict = {}
+    kinds: dict = {}
+    loaded: set[str] = set()
+    problems: list[str] = []
+    for x in sorted(prefixes & set(key_map)):
+        target = key_map[x]
+        if not target.startswith(PREFIX) or not target.endswith(".weight"):
+            continue
+        name = target[len(PREFIX):-len(".weight")]
+        try:
+            module = dm.get_submodule(name)
+        except AttributeError:
+            continue
+        alpha_t = sd.get(f"{x}.alpha")
+        alpha = float(alpha_t.item()) if alpha_t is not None else None
+        if f"{x}.dora_scale" in sd:
+            raise ValueError(f"{node}: {field} — {fname} is a DoRA file (it has {x}.dora_scale): ComfyUI's training "
+                             "modules do not train DoRA's magnitude, so it cannot be continued here. Train it with "
+                             "the command line (peft), or set continue_lora to none.")
+        found = None
+        for cls in wa.adapters:
+            found = cls.load(x, sd, alpha, None, set())
+            if found is not None:
+                break
+        if found is not None:
+            if not hasattr(module, "weight_function"):
+                problems.append(f"{target} ({type(module).__name__} takes no weight function)")
+                continue
+            if alpha is None:
+                w = list(found.weights)
+                w[2] = _neutral_alpha(found)
+                found.weights = tuple(w)
+            try:
+                train = found.to_train()
+            except NotImplementedError:
+                raise ValueError(f"{node}: {field} — {fname} holds {found.name} adapters (e.g. {x}), which ComfyUI "
+                                 f"cannot train (its trainer offers {', '.join(ALGORITHMS)}); set continue_lora to "
+                                 "none.") from None
+            train = train.float()
+            try:
+                with torch.no_grad():
+                    train(torch.zeros(tuple(module.weight.shape)))
+            except RuntimeError as e:
+                raise ValueError(f"{node}: {field} — {fname}: the {found.name} adapter {x} does not fit "
+                                 f"{target} {tuple(module.weight.shape)} ({str(e).splitlines()[0]}); the file was "
+                                 f"made for another model than this {family}.") from None
+            modules[(name, "weight")] = train
+            kinds[(name, "weight")] = found.name
+            loaded.update(found.loaded_keys)
+            if alpha_t is not None:
+                loaded.add(f"{x}.alpha")
+        for suffix, kind, tensor_of in ((".diff", "diff", module.weight if hasattr(module, "weight") else None),
+                                        (".diff_b", "diff_b", getattr(module, "bias", None))):
+            key = x + suffix
+            if key not in sd:
+                continue
+            if tensor_of is None or not hasattr(module, "weight_function") or tuple(sd[key].shape) != tuple(tensor_of.shape):
+                problems.append(f"{key} ({tuple(sd[key].shape)})")
+                continue
+            modules[(name, kind)] = _bias_diff_cls()(torch.nn.Parameter(sd[key].detach().float().clone()))
+            kinds[(name, kind)] = kind
+            loaded.add(key)
+    if problems:
+        raise ValueError(f"{node}: {field} — {fname} holds tensors that do not fit this {family} model: "
+                         f"{_listing(problems)}; the file was made for another model. Pick a LoRA of this model, or "
+                         "set continue_lora to none.")
+    if not modules:
+        raise ValueError(f"{node}: {field} — {fname} maps to no weight of this {family} model (its keys start "
+                         f"{_listing(sorted(sd)[:3])}); it was made for another model family. Pick a LoRA trained "
+                         "for this model, or set continue_lora to none to train a new one.")
+    ignored = sorted(k for k in sd if k not in loaded)
+    if ignored:
+        log.warning("BranchGRPO: %s — %d key(s) of %s map to no weight of the diffusion model and are not continued "
+                    "(e.g. a text encoder's part): %s", field, len(ignored), fname, _listing(ignored))
+    return LoadedFile(path, modules, kinds, metadata, ignored)
+
+
+# ---------------------------------------------------------------------------------------------- attaching
+def prepare_base_for_training(model) -> int:
+    """Freeze the base weights and turn inference tensors into normal ones (same values, in place).
+
+    ComfyUI loads weights under ``torch.inference_mode``; autograd cannot save such tensors for the
+    backward pass, which every frozen layer above an adapted layer needs. Returns how many were converted.
+    """
+    converted = 0
+    with torch.inference_mode(False):
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if p.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    converted += 1
+                else:
+                    p.requires_grad_(False)
+            for name, b in list(module._buffers.items()):
+                if b is not None and b.is_inference():
+                    module._buffers[name] = b.clone()
+                    converted += 1
+    return converted
+
+
+def build_adapters(diffusion_model, config: LoRAConfig, *, algorithm: str = "LoRA", seed: int = 0,
+                   train_bias_norm: bool = False, existing: LoadedFile | None = None,
+                   node: str = NODE) -> ComfyAdapterSet:
+    """The set for ``diffusion_model`` on the CPU: the file's modules where ``existing`` covers a tensor (the file
+    wins, also over ``algorithm`` and outside ``lora_targets``), fresh ``algorithm`` modules elsewhere (seeded)."""
+    targets = plan_targets(diffusion_model, config, train_bias_norm=train_bias_norm)
+    check_rank(targets, algorithm, config.rank, node)
+    if existing is not None:
+        have = {(t.name, t.kind) for t in targets}
+        for (name, kind) in sorted(existing.modules):
+            if (name, kind) not in have:
+                m = diffusion_model.get_submodule(name)
+                shape = tuple((m.weight if kind != "diff_b" else m.bias).shape)
+                targets.append(Target(name, kind, shape))
+    wa, _ = _weight_adapter()
+    modules, kinds = [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for t in targets:
+            key = (t.name, t.kind)
+            if existing is not None and key in existing.modules:
+                modules.append(existing.modules[key])
+                kinds.append(existing.kinds[key])
+            else:
+                modules.append(_fresh_module(t, algorithm, config.rank, config.alpha))
+                kinds.append(t.kind if t.kind != "weight" else wa.adapter_maps[algorithm].name)
+    for m in modules:
+        for pname, p in m.named_parameters():
+            p.requires_grad_(pname != "alpha")  # alpha is stored with the module, never trained
+    return ComfyAdapterSet(targets, modules, kinds, algorithm, config.rank, config.alpha)
+
+
+def attach_adapters(model_patcher, config: LoRAConfig, *, seed: int, device, algorithm: str = "LoRA",
+                    train_bias_norm: bool = False, existing: LoadedFile | None = None, node: str = NODE):
+    """Clone ``model_patcher`` and attach a :class:`ComfyAdapterSet` to the clone's layers (weight wrappers for the
+    weights, bias functions for ``.diff_b``). Returns ``(clone, set)``; the input MODEL is not modified."""
+    prepare_base_for_training(model_patcher.model)
+    mp = model_patcher.clone()
+    adapters = build_adapters(mp.model.diffusion_model, config, algorithm=algorithm, seed=seed,
+                              train_bias_norm=train_bias_norm, existing=existing, node=node)
+    adapters.to(device)
+    for t, m in zip(adapters.targets, adapters.adapters):
+        key = f"{PREFIX}{t.name}.{'bias' if t.kind == 'diff_b' else 'weight'}"
+        mp.add_weight_wrapper(key, AdapterSwitch(adapters, m))
+    return mp, adapters
+
+
+def count_trainable(diffusion_model, config: LoRAConfig, *, algorithm: str = "LoRA",
+                    train_bias_norm: bool = False) -> int:
+    """Trainable numbers of the set :func:`build_adapters` would build (built on fake tensors: no memory)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        targets = plan_targets(diffusion_model, config, train_bias_norm=train_bias_norm)
+        total = 0
+        for t in targets:
+            m = _fresh_module(t, algorithm, config.rank, config.alpha)
+            total += sum(p.numel() for n, p in m.named_parameters() if n != "alpha")
+    return int(total)
+
+
+__all__ = ["ALGORITHMS", "ComfyAdapterSet", "AdapterSwitch", "Target", "LoadedFile", "plan_targets", "check_rank",
+           "build_adapters", "attach_adapters", "load_lora_for_training", "count_trainable",
+           "prepare_base_for_training"]
