@@ -105,7 +105,8 @@ class _Phase(Callback):
 def build_runs(iterations: int, n_prompts: int = 4, rank: int = 8, per_prompt: bool = False) -> dict:
     """``{name: (trainer, phase counter, context or None)}`` on the demo weights: ``engine``, ``node`` and, with
     ``per_prompt``, ``node_per_prompt`` (the node path with one model call per prompt, as before batching)."""
-    from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+    from branchgrpo.lora import LoRAConfig
+    from branchgrpo.peft_adapter import PeftAdapter
     from branchgrpo.models.toy_dit import ToyDiT, ToyDiTConfig, ToyVelocityModel
     from branchgrpo.rewards.weight_free import Colorfulness
     from branchgrpo.trainer import BranchGRPOTrainer
@@ -122,10 +123,9 @@ def build_runs(iterations: int, n_prompts: int = 4, rank: int = 8, per_prompt: b
     sd, meta = demo.read_demo_file()
     net = ToyDiT(ToyDiTConfig.from_dict(json.loads(meta["model_config"])))
     net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    freeze_base(net)
+    net.requires_grad_(False)
     engine_model = ToyVelocityModel(net, tuple(json.loads(meta["class_names"])))
-    lora_e = LoRA(net, lora_cfg, seed=0)
-    lora_e.attach(net)
+    lora_e = PeftAdapter(net, lora_cfg, seed=0)
     phase = _Phase(CallCounter(net))
     runs["engine"] = (BranchGRPOTrainer(engine_model, lora_e, prompts, [reward], engine_model.decode, config,
                                         engine_model.latent_shape, callbacks=[phase]), phase, None)

@@ -30,8 +30,9 @@ import torch
 from branchgrpo import BranchGRPOTrainer, BranchSchedule, preset
 from branchgrpo.evaluate import EvalParts, evaluate
 from branchgrpo.fileio import atomic_write
-from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+from branchgrpo.lora import LoRAConfig
 from branchgrpo.models.toy_dit import CLASS_NAMES, ToyDiT, ToyDiTConfig, ToyVelocityModel
+from branchgrpo.peft_adapter import PeftAdapter
 
 RACE_PRESETS = ("dancegrpo", "branchgrpo", "branchgrpo-mix", "tempflow-grpo", "flowgrpo-fast", "diffusionnft",
                 "awm", "dgpo", "branch-nft", "branch-awm")
@@ -86,9 +87,8 @@ def eval_parts(model: ToyVelocityModel, reward, steps: int) -> EvalParts:
 def race_one(base: ToyVelocityModel, name: str, seed: int, args: Any, base_x0: torch.Tensor,
              base_reward: float) -> dict:
     model = copy.deepcopy(base)
-    freeze_base(model)
-    lora = LoRA(model, LoRAConfig(rank=args.rank, alpha=args.rank, targets=("*.attn.*", "*.mlp.*")), seed=seed)
-    lora.attach(model)
+    model.requires_grad_(False)
+    lora = PeftAdapter(model, LoRAConfig(rank=args.rank, alpha=args.rank, targets=("*.attn.*", "*.mlp.*")), seed=seed)
     reward = make_reward(args.reward)
     cfg = preset(name, iterations=10 ** 6, prompts_per_iteration=args.prompts, seed=seed, max_batch=args.max_batch)
     if args.quick:

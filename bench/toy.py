@@ -27,8 +27,9 @@ import time
 import torch
 
 from branchgrpo import BranchGRPOTrainer, preset
-from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+from branchgrpo.lora import LoRAConfig
 from branchgrpo.models.toy_dit import CLASS_NAMES
+from branchgrpo.peft_adapter import PeftAdapter
 from branchgrpo.rewards.weight_free import JpegCompressibility
 from branchgrpo.sde import sigma_schedule
 from demo.pretrain import load_velocity_model
@@ -74,11 +75,10 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
 
 def run_one(base_model, name: str, seed: int, iterations: int, args) -> dict:
     model = copy.deepcopy(base_model)
-    freeze_base(model)
+    model.requires_grad_(False)
     if args.gradient_checkpointing:
         checkpoint_blocks(model)
-    lora = LoRA(model, LoRAConfig(rank=args.rank, alpha=args.rank, targets=("*.attn.*", "*.mlp.*")), seed=seed)
-    lora.attach(model)
+    lora = PeftAdapter(model, LoRAConfig(rank=args.rank, alpha=args.rank, targets=("*.attn.*", "*.mlp.*")), seed=seed)
     reward = JpegCompressibility()
     cfg = preset(name, iterations=iterations, prompts_per_iteration=args.prompts, seed=seed,
                  max_batch=args.max_batch)

@@ -6,7 +6,8 @@ import torch
 
 from branchgrpo import BranchSchedule, rollout
 from branchgrpo.evaluate import EvalParts, evaluate, ode_samples, reference_kl, seed_noise
-from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+from branchgrpo.lora import LoRAConfig
+from branchgrpo.peft_adapter import PeftAdapter
 from tiny_flow import MeanBrightness, TinyFlow, decode_to_image
 
 SHAPE = (4, 4, 4)
@@ -14,9 +15,8 @@ SHAPE = (4, 4, 4)
 
 def adapted(seed=0):
     model = TinyFlow(seed=seed)
-    freeze_base(model)
-    lora = LoRA(model, LoRAConfig(rank=4, alpha=4, targets=("blocks.*",)), seed=seed)
-    lora.attach(model)
+    model.requires_grad_(False)
+    lora = PeftAdapter(model, LoRAConfig(rank=4, alpha=4, targets=("blocks.*",)), seed=seed)
     return model, lora
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from branchgrpo import AdvantageConfig, BranchGRPOTrainer, BranchSchedule, OptimConfig, TrainerConfig, preset
-from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+from branchgrpo.lora import LoRAConfig
+from branchgrpo.peft_adapter import PeftAdapter
 from branchgrpo.objectives import (EMAPolicy, ObjectiveConfig, awm_logprob, awm_loss, dgpo_clip_mask, dgpo_loss,
                                    nft_loss, nft_reward_weight, old_decay, pick_timesteps, velocity_kl)
 from tiny_flow import MeanBrightness, TinyFlow, decode_to_image
@@ -138,9 +139,8 @@ def test_gradcheck_dgpo():
 # ---------------------------------------------------------------- the objectives in the trainer
 def adapted(seed=0):
     model = TinyFlow(seed=seed)
-    freeze_base(model)
-    lora = LoRA(model, LoRAConfig(rank=4, alpha=4, targets=("blocks.*",)), seed=seed)
-    lora.attach(model)
+    model.requires_grad_(False)
+    lora = PeftAdapter(model, LoRAConfig(rank=4, alpha=4, targets=("blocks.*",)), seed=seed)
     return model, lora
 
 
@@ -287,9 +287,8 @@ def test_new_preset_raises_the_heldout_reward_of_the_toy_dit(name):
     from branchgrpo.rewards.weight_free import Brightness
     torch.manual_seed(0)
     model = toy_model()
-    freeze_base(model)
-    lora = LoRA(model, LoRAConfig(rank=4, alpha=4, targets=("*.attn.*", "*.mlp.*")), seed=0)
-    lora.attach(model)
+    model.requires_grad_(False)
+    lora = PeftAdapter(model, LoRAConfig(rank=4, alpha=4, targets=("*.attn.*", "*.mlp.*")), seed=0)
     reward = Brightness(target=1.0)
     cfg = shrink(preset(name, iterations=4, prompts_per_iteration=1, seed=0, max_batch=64))
     cfg.validate()

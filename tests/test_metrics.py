@@ -9,7 +9,8 @@ import torch
 
 from branchgrpo import BranchGRPOTrainer, BranchSchedule, Callback, OptimConfig, TrainerConfig
 from branchgrpo.evaluate import reward_spread, seed_noise
-from branchgrpo.lora import LoRA, LoRAConfig, freeze_base
+from branchgrpo.lora import LoRAConfig
+from branchgrpo.peft_adapter import PeftAdapter
 from branchgrpo.tree import rollout
 from tiny_flow import MeanBrightness, TinyFlow, decode_to_image
 
@@ -19,9 +20,8 @@ SCHED = BranchSchedule(num_steps=4, split_steps=(0, 1))
 
 def trainer(iterations=2, eval_prompts=(), keep_images=False, callbacks=(), lr=3e-2, **over):
     model = TinyFlow(seed=0)
-    freeze_base(model)
-    lora = LoRA(model, LoRAConfig(rank=4, alpha=4, targets=("blocks.*",)), seed=0)
-    lora.attach(model)
+    model.requires_grad_(False)
+    lora = PeftAdapter(model, LoRAConfig(rank=4, alpha=4, targets=("blocks.*",)), seed=0)
     optim = over.pop("optim", OptimConfig(learning_rate=lr))
     cfg = TrainerConfig(schedule=SCHED, iterations=iterations, prompts_per_iteration=2, seed=5, optim=optim, **over)
     return BranchGRPOTrainer(model, lora, ["a cat", "a dog", "a bird"], [MeanBrightness()], decode_to_image, cfg,

@@ -257,7 +257,8 @@ def _expected_flux(comfy, adapter: PeftAdapter, before: dict) -> dict[str, torch
 
 def _flux_predictions(comfy, tr, model) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(4)
-    x, ctx, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g), torch.randn(2, 32, generator=g)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
+    y = torch.randn(2, 32, generator=g)
     sigma, guidance = torch.tensor([0.3, 0.8]), torch.full((2,), 3.5)
     with torch.no_grad():
         ours = da._unpack(tr(hidden_states=da._pack(x), encoder_hidden_states=ctx, pooled_projections=y,
