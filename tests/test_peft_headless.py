@@ -418,3 +418,25 @@ def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm):
     assert any(not torch.equal(fresh[k], sd_full[k]) for k in sd_full)  # it trained
     with pytest.raises(RuntimeError, match="does not fit"):
         a_res.load_state_dict({k: v[..., :1] for k, v in sd_full.items()})
+
+
+def test_gradient_checkpointing_keeps_the_adapter_gradients(tiny):
+    """diffusers' own block checkpointing (model.gradient_checkpointing) with peft layers inside the blocks."""
+    grads = []
+    for checkpointing in (False, True):
+        tr = _diffusers_transformer("flux", tiny["flux"])
+        tr.requires_grad_(False)
+        adapter = PeftAdapter(tr, LoRAConfig(rank=2, alpha=2.0, targets=("*",)), "DoRA", seed=0)
+        randomize(adapter)
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        g = torch.Generator().manual_seed(4)
+        x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
+        out = tr(hidden_states=da._pack(x), encoder_hidden_states=ctx, pooled_projections=torch.ones(2, 32),
+                 timestep=torch.tensor([0.3, 0.8]), img_ids=da._image_ids(4, 4, x.device, x.dtype),
+                 txt_ids=torch.zeros(6, 3), guidance=torch.full((2,), 3.5), return_dict=False)[0]
+        out.square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in adapter.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[0].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
