@@ -264,6 +264,12 @@ def _neutral_alpha(adapter) -> float:
 
 
 def load_lora_for_training(model_patcher, path: str, node: str = NODE, field: str = "continue_lora") -> LoadedFile:
+    """:func:`_load_for_training` outside inference mode (ComfyUI runs nodes in it), so the modules can train."""
+    with torch.inference_mode(False):
+        return _load_for_training(model_patcher, path, node, field)
+
+
+def _load_for_training(model_patcher, path: str, node: str, field: str) -> LoadedFile:
     """Read a LoRA file of any algorithm for this MODEL: its keys mapped to the model's weights with ComfyUI's own
     key map (``comfy.lora.model_lora_keys_unet``: ComfyUI, kohya and diffusers names), each module's adapter found
     with ``adapter.load`` over ``comfy.weight_adapter.adapters`` and turned into its training module
@@ -275,9 +281,7 @@ def load_lora_for_training(model_patcher, path: str, node: str = NODE, field: st
     wa, _ = _weight_adapter()
     fname = os.path.basename(path)
     family = type(model_patcher.model).__name__
-    with torch.inference_mode(False):  # the tensors become trainable parameters
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-        sd = {k: v.clone() for k, v in sd.items()}
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     metadata = dict(metadata or {})
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
     prefixes = set()

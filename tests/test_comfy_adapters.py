@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import tiny_models as tm
 from bench import node_vs_engine as nve
-from comfy_server import ComfyExecutionError, ComfyQueueError
+from comfy_server import ComfyExecutionError
 from test_comfy_families import (_log_since, _log_size, family_nodes, lora_path, metrics_of, predict_nodes,
                                  read_latent, training_graph)
 
@@ -116,9 +116,10 @@ def test_train_bias_norm_adds_diff_and_diff_b_that_the_stock_loader_applies(comf
 def test_continue_goes_on_from_the_files_weights_and_iterations(comfy, comfy_base, models, capsys):
     four = comfy.run(_graph(models, "uninterrupted", iterations=4), timeout=600)
     assert four["status"]["status_str"] == "success"
-    comfy.run(_graph(models, "first2", iterations=2), timeout=600)
+    if not lora_path(comfy_base, "ad_LoRA").is_file():  # the 2-iteration LoRA of the algorithm test (same settings)
+        comfy.run(_graph(models, "LoRA", iterations=2), timeout=600)
     log0 = _log_size(comfy)
-    comfy.run(_graph(models, "then2", iterations=4, continue_lora="branchgrpo/ad_first2.safetensors"), timeout=600)
+    comfy.run(_graph(models, "then2", iterations=4, continue_lora="branchgrpo/ad_LoRA.safetensors"), timeout=600)
     assert "lora key not loaded" not in _log_since(comfy, log0)
     straight = {m["iteration"]: m["metrics"] for m in metrics_of(comfy, "ad_uninterrupted")}
     cont = {m["iteration"]: m["metrics"] for m in metrics_of(comfy, "ad_then2")}
@@ -126,18 +127,19 @@ def test_continue_goes_on_from_the_files_weights_and_iterations(comfy, comfy_bas
     # iteration 3's rollout (before its update) runs the file's weights with iteration 3's seeds: the same tree and
     # rewards as the uninterrupted run's, whose weights after 2 iterations are the file's
     assert cont[3]["reward_mean"] == pytest.approx(straight[3]["reward_mean"], rel=1e-6, abs=1e-7)
-    a, b, f = (load_file(str(lora_path(comfy_base, f"ad_{t}"))) for t in ("then2", "uninterrupted", "first2"))
+    a, b, f = (load_file(str(lora_path(comfy_base, f"ad_{t}"))) for t in ("then2", "uninterrupted", "LoRA"))
     assert set(a) == set(b) == set(f)
     keys = [k for k in a if not k.endswith(".alpha")]
-    moved = max(float((a[k] - f[k]).abs().max()) for k in keys)
-    gap = max(float((a[k] - b[k]).abs().max()) for k in keys)
-    step = max(float((b[k] - f[k]).abs().max()) for k in keys)
+    d_cont = torch.cat([(a[k] - f[k]).flatten() for k in keys])  # iterations 3-4, continued (fresh AdamW)
+    d_straight = torch.cat([(b[k] - f[k]).flatten() for k in keys])  # iterations 3-4, uninterrupted
+    cos = float(torch.nn.functional.cosine_similarity(d_cont, d_straight, dim=0))
+    gap = float((d_cont - d_straight).norm() / d_straight.norm())
     with capsys.disabled():
-        print(f"\n2+2 vs 4 iterations: max |2+2 - 4| {gap:.3e}; iterations 3-4 moved the weights by {step:.3e} "
-              f"(uninterrupted) and {moved:.3e} (continued); reward at 4: {cont[4]['reward_mean']:.6f} vs "
-              f"{straight[4]['reward_mean']:.6f}")
-    assert moved > 0 and gap > 0  # AdamW restarts: not the uninterrupted result
-    assert gap < step  # but the same direction, to well within the size of the two steps
+        print(f"\n2+2 vs 4 iterations: the last two updates' norms {d_cont.norm():.4f} (continued) vs "
+              f"{d_straight.norm():.4f} (uninterrupted), cosine {cos:.3f}, |2+2 - 4| / |update| {gap:.3f}; reward at "
+              f"iteration 4 {cont[4]['reward_mean']:.6f} vs {straight[4]['reward_mean']:.6f}")
+    assert d_cont.norm() > 0 and gap > 0  # AdamW restarts: not the uninterrupted result
+    assert cos > 0  # the same first gradient (same weights, same tree), so updates of a like direction
 
 
 def test_a_loha_file_continued_with_lora_selected_stays_loha(comfy, comfy_base, models):
@@ -181,9 +183,10 @@ def test_bad_adapter_inputs_are_refused_before_any_compute(comfy, comfy_base, mo
                                 "ad_shape")
     assert "continue_lora" in msg and "does not fit" in msg and "another model" in msg, msg
 
-    with pytest.raises(ComfyQueueError) as err:  # a name not in models/loras: ComfyUI's own validation refuses it
-        comfy.run(_graph(models, "missing", continue_lora="branchgrpo/no_such_file.safetensors"), timeout=300)
-    assert "continue_lora" in str(err.value), str(err.value)[:2000]
+    # a name not in models/loras (an API graph, or a file deleted since the page listed it)
+    msg = _fails_before_compute(comfy, _graph(models, "missing", continue_lora="branchgrpo/no_such_file.safetensors"),
+                                "ad_missing")
+    assert "continue_lora" in msg and "no_such_file" in msg and "is not a file in" in msg, msg
 
 
 # ---------------------------------------------------------------------------------------------------- in-process
