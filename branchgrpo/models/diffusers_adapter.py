@@ -469,11 +469,6 @@ def unmapped_modules(root: nn.Module, family: str, names: Sequence[str]) -> list
     return [n for n in names if n not in layout]
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def comfy_lora_state_dict(adapter, root: nn.Module, family: str,
                           prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
     """``adapter`` (a :class:`~branchgrpo.peft_adapter.PeftAdapter` injected into ``root``, the diffusers
