@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .lora import LoRAConfig, select_linear
 
-__all__ = ["ALGORITHMS", "PeftAdapter", "algorithm_error", "module_weights"]
+__all__ = ["ALGORITHMS", "PeftAdapter", "algorithm_error", "module_weights", "delta_weight", "effective_weight"]
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT", "DoRA")
 _F32_EPS = torch.finfo(torch.float32).eps  # ComfyUI's weight_decompose eps (it patches float32 weights)
@@ -128,8 +128,26 @@ def module_weights(layer: nn.Module, algorithm: str) -> dict[str, Tensor]:
             out[".alpha"] = torch.tensor(float(layer.alpha[a]))
         return out
     if algorithm == "OFT":
-        return {".diff": effective_weight(layer) - _base_weight(layer).to("cpu", torch.float32)}
+        return {".diff": delta_weight(layer, algorithm)}
     raise ValueError(algorithm_error(algorithm))
+
+
+@torch.no_grad()
+def delta_weight(layer: nn.Module, algorithm: str) -> Tensor:
+    """``W_trained - W`` ``[out, in]`` of one tuner layer, computed in float32 (whatever the base dtype), CPU."""
+    w = _base_weight(layer).float()
+    if algorithm == "OFT":  # y = W (R x): the rotation module applied to the identity gives R (block-diagonal)
+        rot = layer.oft_R[_ADAPTER]
+        r = rot(torch.eye(w.shape[1], device=w.device, dtype=rot.weight.dtype)).float()
+        d = w @ r.t() - w
+    elif algorithm == "DoRA":
+        up, down = layer.lora_B[_ADAPTER].weight.float(), layer.lora_A[_ADAPTER].weight.float()
+        trained = w + (up @ down) * float(layer.scaling[_ADAPTER])
+        m = _full(layer.lora_magnitude_vector[_ADAPTER].weight).float().reshape(-1, 1)
+        d = trained * (m / trained.norm(dim=1, keepdim=True)) - w
+    else:  # peft's own dense delta of LoRA / LoHa / LoKr
+        d = layer.get_delta_weight(_ADAPTER).float()
+    return d.to("cpu").contiguous()
 
 
 @torch.no_grad()
@@ -299,8 +317,7 @@ class PeftAdapter:
 
     def delta(self, name: str) -> Tensor:
         """``W_trained - W`` of module ``name`` (float32 CPU)."""
-        layer = self.layers[name]
-        return effective_weight(layer) - _base_weight(layer).to("cpu", torch.float32)
+        return delta_weight(self.layers[name], self.algorithm)
 
     def comfy_state_dict(self) -> dict[str, Tensor]:
         """:class:`TrainableAdapter`: the adapter in ComfyUI's key format (see the module doc)."""

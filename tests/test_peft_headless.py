@@ -440,3 +440,23 @@ def test_gradient_checkpointing_keeps_the_adapter_gradients(tiny):
     assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[0].values())
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_dense_delta_equals_the_layer_and_stays_float32_on_a_bf16_base(algorithm):
+    """``delta`` (what LoKr / OFT files hold for fused layers, and OFT's ``.diff``) is the layer's own update;
+    on a bf16 base it is computed in float32 from the adapter, not from bf16 outputs."""
+    model = _two_layers()
+    adapter = PeftAdapter(model, LoRAConfig(rank=8, alpha=4.0), algorithm, seed=0)
+    randomize(adapter, std=0.1)
+    for n in adapter.names:
+        base = model.get_submodule(n).base_layer.weight.detach()
+        torch.testing.assert_close(adapter.delta(n), effective_weight(adapter.layers[n]) - base, rtol=1e-5, atol=1e-6)
+    want = {n: adapter.delta(n) for n in adapter.names}
+    model.to(torch.bfloat16)  # the base only: peft's adapter tensors are cast back below
+    for p in adapter.parameters():
+        p.data = p.data.float()
+    for n in adapter.names:
+        got = adapter.delta(n)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want[n], rtol=0.02, atol=0.02 * want[n].abs().max().item())
