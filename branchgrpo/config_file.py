@@ -300,8 +300,9 @@ def field_docs(section: str) -> dict[str, str]:
 SECTION_DOCS = {
     "run": "Run folder, outputs, resume, device and logging.",
     "model": "The diffusion model, loaded through diffusers from local files only.",
-    "lora": "The trained LoRA. It is exported in ComfyUI's key format (diffusion_model.<ComfyUI module>.lora_up/"
-            "lora_down/alpha), so the stock LoraLoaderModelOnly loads it.",
+    "lora": "The trained adapter (peft: LoRA, LoHa, LoKr, OFT or DoRA). It is exported in ComfyUI's key format "
+            "(diffusion_model.<ComfyUI module>.lora_up/lora_down/alpha, hada_*, lokr_*, dora_scale, diff), so the "
+            "stock LoraLoaderModelOnly loads it.",
     "prompts": "Training prompts.",
     "rewards": "One [[rewards]] table per reward model; several are mixed with their weights.",
     "training": "Length and batch of the run.",
