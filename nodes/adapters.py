@@ -431,7 +431,9 @@ def attach_adapters(model_patcher, config: LoRAConfig, *, seed: int, device, alg
     mp = model_patcher.clone()
     adapters = build_adapters(mp.model.diffusion_model, config, algorithm=algorithm, seed=seed,
                               train_bias_norm=train_bias_norm, existing=existing, node=node)
-    adapters.to(device)
+    device = torch.device(device)
+    if any(p.device != device for p in adapters.parameters()):  # (built on the CPU: seeded numbers on any device)
+        adapters.to(device)
     for t, m in zip(adapters.targets, adapters.adapters):
         key = f"{PREFIX}{t.name}.{'bias' if t.kind == 'diff_b' else 'weight'}"
         mp.add_weight_wrapper(key, AdapterSwitch(adapters, m))
