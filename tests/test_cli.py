@@ -226,6 +226,23 @@ def test_two_process_gloo_matches_one_process(tiny, tmp_path, reference_run, fsd
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
+def test_fsdp_dora_matches_one_process(tiny, tmp_path):
+    """DoRA reads the (sharded) base weights in its forward and in the file's dora_scale: two FSDP processes
+    give the one-process file."""
+    one = flux_config(tiny, tmp_path / "one", "dora", lora={"algorithm": "DoRA", "targets": ["*"]},
+                      training={"iterations": 1})
+    assert cli.main(["train", str(write(tmp_path / "one.toml", one)), "-q"]) == 0
+    two = flux_config(tiny, tmp_path / "two", "dora", lora={"algorithm": "DoRA", "targets": ["*"]},
+                      training={"iterations": 1}, model={"fsdp": True})
+    proc = _torchrun(write(tmp_path / "two.toml", two))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = lora_tensors(tmp_path / "one" / "dora" / "dora.safetensors"), lora_tensors(tmp_path / "two" / "dora" /
+                                                                                       "dora.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith(".dora_scale") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
 def test_sd3_and_wan_train(tiny, tmp_path):
     sd3 = flux_config(tiny, tmp_path, "sd3", model={"path": str(tiny["sd3"]), "cfg_scale": 2.0,
                                                      "negative_prompt": "blurry"},

@@ -64,7 +64,7 @@ def comfy():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_diffusers")
-    return {f: td.write_tiny_pipeline(f, base / f) for f in ("flux", "wan")}
+    return {f: td.write_tiny_pipeline(f, base / f) for f in ("flux", "sd3", "wan")}
 
 
 def randomize(adapter: PeftAdapter, seed: int = 1, std: float = 0.05) -> None:
@@ -239,9 +239,9 @@ def _patch_in_comfy(comfy, model, sd: dict, caplog) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in model.state_dict().items()}
 
 
-def _expected_flux(comfy, adapter: PeftAdapter, before: dict) -> dict[str, torch.Tensor]:
+def _expected_flux(comfy, adapter: PeftAdapter, before: dict, table: dict | None = None) -> dict[str, torch.Tensor]:
     """ComfyUI's weights with each adapted diffusers module's trained weight put where ComfyUI's table says."""
-    table = comfy.utils.flux_to_diffusers(TINY_COMFY_FLUX, output_prefix="diffusion_model.")
+    table = table or comfy.utils.flux_to_diffusers(TINY_COMFY_FLUX, output_prefix="diffusion_model.")
     out = {k: v.clone() for k, v in before.items()}
     for n in adapter.names:
         t, w = table[n + ".weight"], effective_weight(adapter.layers[n])
@@ -300,6 +300,26 @@ def test_flux_file_reproduces_the_adapted_model_in_comfyui(comfy, tiny, caplog, 
     ours2, theirs2 = _flux_predictions(comfy, tr, model)
     assert (ours2 - ours).abs().max() > 1e-3  # the adapter changes the prediction ...
     torch.testing.assert_close(theirs2, ours2, rtol=1e-4, atol=1e-5)  # ... and ComfyUI's model follows
+
+
+@needs_comfy
+@pytest.mark.parametrize("algorithm", ["DoRA", "LoKr"])
+def test_sd3_file_reproduces_the_adapted_weights_in_comfyui(comfy, tiny, caplog, algorithm):
+    """SD3 (ComfyUI loads the diffusers transformer itself): fused qkv, the context block's swapped rows."""
+    import comfy.sd
+    tr = _diffusers_transformer("sd3", tiny["sd3"])
+    mp = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in tr.state_dict().items()})
+    model = mp.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    adapter = PeftAdapter(tr, LoRAConfig(rank=2, alpha=3.0, targets=("*",)), algorithm, seed=0,
+                          layout=da.comfy_layout(tr, "sd3"))
+    randomize(adapter)
+    after = _patch_in_comfy(comfy, model, adapter.comfy_state_dict(), caplog)
+    table = comfy.utils.mmdit_to_diffusers(model.model_config.unet_config, output_prefix="diffusion_model.")
+    expected = _expected_flux(comfy, adapter, before, table)
+    assert sum(not torch.equal(v, before[k]) for k, v in expected.items()) >= 10
+    for k, v in expected.items():
+        torch.testing.assert_close(after[k], v, rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
 TINY_COMFY_WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 32, "out_dim": 4, "num_heads": 2,
