@@ -9,7 +9,8 @@
     python -m branchgrpo train run.toml --set training.iterations=50 --set optim.learning_rate=2e-4
 
 The run uses the same engine as the ComfyUI nodes (:class:`~branchgrpo.trainer.BranchGRPOTrainer`), the
-same checkpoint format (``BranchGRPOTrainer.save_checkpoint``) and the same LoRA key format (ComfyUI's).
+same checkpoint format (``BranchGRPOTrainer.save_checkpoint``) and the same LoRA key format (ComfyUI's); the
+adapter (``lora.algorithm``: LoRA, LoHa, LoKr, OFT, DoRA) is ``peft``'s (:mod:`branchgrpo.peft_adapter`).
 Under ``torchrun`` the prompts of an iteration are dealt round-robin to the ranks, each prompt's whole
 tree on one rank (:class:`~branchgrpo.distributed.TorchDistributed`); only rank 0 writes files. With
 ``model.fsdp = true`` the transformer's weights are sharded over the ranks (FSDP2 ``fully_shard``).
@@ -229,7 +230,7 @@ def _check_resume(cfg, state: dict, lora, source: str) -> None:
     theirs = {k: tuple(v.shape) for k, v in state["adapter"].items()}
     if mine != theirs:
         raise ConfigError("run.resume", f"the checkpoint {source} holds another adapter ({len(theirs)} tensors, "
-                                        f"e.g. a ComfyUI-node run or other lora.targets/rank) than this config "
+                                        f"e.g. a ComfyUI-node run or another lora.algorithm/targets/rank) than this config "
                                         f"({len(mine)}); set run.resume = 'never' or choose another run.name")
 
 
