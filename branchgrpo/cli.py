@@ -230,8 +230,8 @@ def _check_resume(cfg, state: dict, lora, source: str) -> None:
     theirs = {k: tuple(v.shape) for k, v in state["adapter"].items()}
     if mine != theirs:
         raise ConfigError("run.resume", f"the checkpoint {source} holds another adapter ({len(theirs)} tensors, "
-                                        f"e.g. a ComfyUI-node run or another lora.algorithm/targets/rank) than this config "
-                                        f"({len(mine)}); set run.resume = 'never' or choose another run.name")
+                                        f"e.g. a ComfyUI-node run, or another lora.algorithm/targets/rank) than "
+                                        f"this config ({len(mine)}); set run.resume = 'never' or choose another run.name")
 
 
 def lora_metadata(cfg, family: str, iteration: int, latent_shape) -> dict[str, str]:
