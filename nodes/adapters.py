@@ -147,7 +147,8 @@ def _fresh_module(t: Target, algorithm: str, rank: int, alpha: float):
         down = torch.empty(rank, in_dim)
         torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
         up = torch.zeros(out_dim, rank)
-        return LoraDiff((up, down, float(alpha), None, None, None))
+        with torch.random.fork_rng(devices=[]):  # LoraDiff's nn.Linear init draws numbers it then overwrites
+            return LoraDiff((up, down, float(alpha), None, None, None))
     shape_only = torch.zeros(()).expand(t.shape)  # create_train reads the shape and device only
     return wa.adapter_maps[algorithm].create_train(shape_only, rank=rank, alpha=float(alpha))
 

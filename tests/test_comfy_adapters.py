@@ -282,3 +282,25 @@ def test_memory_probe_counts_each_algorithms_trainable_numbers(pack):
     lora = ad.build_adapters(dm, cfg)
     assert lora.trainable_count() == sum(4 * (m.in_features + m.out_features)
                                          for m in dm.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_fresh_lora_is_seeded_as_the_packs_lora_always_was(pack):
+    """``down`` kaiming-uniform (as nn.Linear) drawn layer after layer from the seed, ``up`` zero: the numbers the
+    pack's LoRA had before it used ComfyUI's modules (the CPU demo's README numbers depend on them)."""
+    import math
+    from branchgrpo.lora import LoRAConfig
+    ad, tiny = pack["adapters"], pack["tiny_model"]
+    dm = tiny.build_tiny_model("flux", 0).model.diffusion_model
+    lora = ad.build_adapters(dm, LoRAConfig(rank=4, alpha=4.0, targets=("*attn*", "*mlp*")), seed=7)
+    torch.manual_seed(123)  # the global RNG is not used: its state stays as it is
+    before = torch.random.get_rng_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        for t, m in zip(lora.targets, lora.adapters):
+            want = torch.empty(4, math.prod(t.shape[1:]))
+            torch.nn.init.kaiming_uniform_(want, a=math.sqrt(5))
+            assert torch.equal(m.lora_down.weight.detach(), want), t.name
+            assert not m.lora_up.weight.detach().any()
+    assert len(lora.targets) > 4
+    ad.build_adapters(dm, LoRAConfig(rank=4, alpha=4.0), seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
