@@ -49,9 +49,11 @@ class SaveLoRANode(io.ComfyNode):
         return io.Schema(
             node_id="BranchGRPOSaveLoRA", display_name="Save LoRA (BranchGRPO)", category=T.CATEGORY,
             is_output_node=True,
-            description="Writes the trained LoRA into ComfyUI's models/loras folder in ComfyUI's key format "
-                        "(lora_up / lora_down / alpha) with the run's settings as metadata, atomically. Load it "
-                        "anywhere with the stock 'LoraLoaderModelOnly'.",
+            description="Writes the trained adapter into ComfyUI's models/loras folder in ComfyUI's key format "
+                        "(lora_up / lora_down / alpha for LoRA; hada_*, lokr_*, oft_blocks for LoHa, LoKr, OFT; "
+                        ".diff / .diff_b for bias and norm deltas) with the run's settings as metadata, atomically. "
+                        "Load it anywhere with the stock 'LoraLoaderModelOnly', or continue it with the Trainer's "
+                        "'continue_lora'.",
             inputs=[
                 T.LoraModel.Input("lora", tooltip="The LORA_MODEL from the BranchGRPO Trainer (or the native trainer)."),
                 io.String.Input("filename", default="branchgrpo/branchgrpo_lora", tooltip="Path relative to "
