@@ -161,6 +161,10 @@ def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig
         dm = twin.model.diffusion_model
         frozen = list(twin.model.parameters()) + list(twin.model.buffers())
         mp, lora = attach_lora(twin, lora_cfg, seed=0, device=CPU, algorithm=algorithm, train_bias_norm=train_bias_norm)
+        if fake:  # OFT's norm bound branches on a value, which fake tensors do not have (its tensors are block-sized)
+            for m in lora.adapters:
+                if hasattr(m, "constraint"):
+                    m.constraint = 0.0
         if conditioning is None:
             cond = random_conditioning(dm, text_tokens, guidance)
         else:  # the run's own conditioning (a family's extra inputs, e.g. attention masks), as fakes
