@@ -325,3 +325,20 @@ def test_memory_probe_on_fake_tensors_equals_the_measured_run_for_each_algorithm
                                                   if isinstance(real[k], int)), (fake, real)
     else:
         assert fake == real, (fake, real)
+
+
+def test_dora_files_are_refused_and_text_encoder_keys_ignored(pack, tmp_path):
+    from branchgrpo.lora import LoRAConfig
+    ad, tiny = pack["adapters"], pack["tiny_model"]
+    mp = tiny.build_tiny_model("flux", 0)
+    sd = ad.build_adapters(mp.model.diffusion_model, LoRAConfig(rank=2, alpha=2.0, targets=("*img_attn.qkv",)),
+                           seed=0).comfy_state_dict()
+    (key,) = [k[:-len(".alpha")] for k in sd if k.endswith(".alpha")]
+    with_te = {**sd, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2)}
+    save_file(with_te, str(tmp_path / "te.safetensors"))
+    loaded = ad.load_lora_for_training(mp, str(tmp_path / "te.safetensors"))
+    assert loaded.ignored == ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]
+    assert list(loaded.modules) == [(key[len("diffusion_model."):], "weight")]
+    save_file({**sd, f"{key}.dora_scale": torch.ones(192, 1)}, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(ValueError, match="continue_lora — dora.safetensors is a DoRA file"):
+        ad.load_lora_for_training(mp, str(tmp_path / "dora.safetensors"))
