@@ -342,3 +342,12 @@ def test_dora_files_are_refused_and_text_encoder_keys_ignored(pack, tmp_path):
     save_file({**sd, f"{key}.dora_scale": torch.ones(192, 1)}, str(tmp_path / "dora.safetensors"))
     with pytest.raises(ValueError, match="continue_lora — dora.safetensors is a DoRA file"):
         ad.load_lora_for_training(mp, str(tmp_path / "dora.safetensors"))
+
+
+def test_export_run_config_offers_the_trainers_algorithms(pack):
+    export = importlib.import_module(f"{nve.PACK}.nodes.export_config")
+    trainer = importlib.import_module(f"{nve.PACK}.nodes.trainer")
+    specs = [{i.id: i for i in node.define_schema().inputs} for node in (export.ExportRunConfigNode,
+                                                                        trainer.TrainerNode)]
+    assert [s["algorithm"].options for s in specs] == [["LoRA", "LoHa", "LoKr", "OFT"]] * 2
+    assert export._algorithm_entry("LoKr") == {"algorithm": "LoKr"}  # the run config's [lora] algorithm
