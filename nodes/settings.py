@@ -194,7 +194,8 @@ class TrainerSettingsNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="BranchGRPOTrainerSettings", display_name="Trainer Settings (BranchGRPO)", category=T.CATEGORY,
-            description="Expert settings of the Trainer: which layers the LoRA adapts, the PPO clip and KL, "
+            description="Expert settings of the Trainer: which layers the adapter adapts (and whether bias and "
+                        "norm deltas train too), the PPO clip and KL, "
                         "optimizer steps, batching and memory, true CFG and FLUX's distilled guidance. Connect to "
                         "the Trainer's 'settings' input (or Export Run Config's); without it the Trainer uses "
                         "these defaults.",
