@@ -322,6 +322,14 @@ def _load_for_training(model_patcher, path: str, node: str, field: str) -> Loade
                 w = list(found.weights)
                 w[2] = _neutral_alpha(found)
                 found.weights = tuple(w)
+            if found.name == "lokr" and found.weights[3] is not None and found.weights[5] is not None:
+                # both Kronecker factors low-rank: LokrDiff scales each by alpha / its rank, the stock loader the
+                # product once by alpha / (w2's rank); continue only where the two agree
+                a, ra, rb = float(found.weights[2]), found.weights[4].shape[0], found.weights[6].shape[0]
+                if not math.isclose((a / ra) * (a / rb), (alpha / rb) if alpha is not None else 1.0, rel_tol=1e-6):
+                    raise ValueError(f"{node}: {field} — {fname}: the LoKr adapter {x} has both Kronecker factors in "
+                                     "low-rank form, which ComfyUI's training module scales differently from its "
+                                     "loader; it cannot be continued exactly. Set continue_lora to none.")
             try:
                 train = found.to_train()
             except NotImplementedError:

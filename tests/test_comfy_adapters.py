@@ -351,3 +351,26 @@ def test_export_run_config_offers_the_trainers_algorithms(pack):
                                                                         trainer.TrainerNode)]
     assert [s["algorithm"].options for s in specs] == [["LoRA", "LoHa", "LoKr", "OFT"]] * 2
     assert export._algorithm_entry("LoKr") == {"algorithm": "LoKr"}  # the run config's [lora] algorithm
+
+
+def test_a_lokr_file_whose_training_module_would_scale_differently_is_refused(pack, tmp_path):
+    ad, tiny = pack["adapters"], pack["tiny_model"]
+    mp = tiny.build_tiny_model("flux", 0)
+    key = "diffusion_model.double_blocks.0.img_attn.qkv"  # [192, 64] = kron([4, 4], [48, 16])
+    g = torch.Generator().manual_seed(0)
+    sd = {f"{key}.lokr_w1_a": torch.randn(4, 2, generator=g), f"{key}.lokr_w1_b": torch.randn(2, 4, generator=g),
+          f"{key}.lokr_w2_a": torch.randn(48, 3, generator=g), f"{key}.lokr_w2_b": torch.randn(3, 16, generator=g),
+          f"{key}.alpha": torch.tensor(3.0)}
+    save_file(sd, str(tmp_path / "lokr.safetensors"))
+    with pytest.raises(ValueError, match="both Kronecker factors in low-rank form"):
+        ad.load_lora_for_training(mp, str(tmp_path / "lokr.safetensors"))
+    sd[f"{key}.alpha"] = torch.tensor(2.0)  # alpha = w1's rank: LokrDiff's scale equals the loader's
+    save_file(sd, str(tmp_path / "lokr_ok.safetensors"))
+    loaded = ad.load_lora_for_training(mp, str(tmp_path / "lokr_ok.safetensors"))
+    assert loaded.kinds == {(key[len("diffusion_model."):], "weight"): "lokr"}
+    import comfy.lora
+    patches = comfy.lora.load_lora(load_file(str(tmp_path / "lokr_ok.safetensors")), {key: f"{key}.weight"})
+    w = torch.randn(192, 64, generator=g)
+    stock = comfy.lora.calculate_weight([(1.0, patches[f"{key}.weight"], 1.0, None, None)], w.clone(), key)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.modules[(key[len("diffusion_model."):], "weight")](w), stock)
