@@ -450,14 +450,21 @@ def attach_adapters(model_patcher, config: LoRAConfig, *, seed: int, device, alg
 
 
 def count_trainable(diffusion_model, config: LoRAConfig, *, algorithm: str = "LoRA",
-                    train_bias_norm: bool = False) -> int:
-    """Trainable numbers of the set :func:`build_adapters` would build (built on fake tensors: no memory)."""
+                    train_bias_norm: bool = False, existing: LoadedFile | None = None) -> int:
+    """Trainable numbers of the set :func:`build_adapters` would build (fresh modules built on fake tensors: no
+    memory); with ``existing`` (a file to continue), the file's modules count where they cover a tensor, at the
+    file's rank and algorithm, as in :func:`build_adapters`."""
+    covered = set(existing.modules) if existing is not None else set()
     with FakeTensorMode(allow_non_fake_inputs=True):
         targets = plan_targets(diffusion_model, config, train_bias_norm=train_bias_norm)
         total = 0
         for t in targets:
+            if (t.name, t.kind) in covered:
+                continue
             m = _fresh_module(t, algorithm, config.rank, config.alpha)
             total += sum(p.numel() for n, p in m.named_parameters() if n != "alpha")
+    if existing is not None:
+        total += sum(p.numel() for m in existing.modules.values() for n, p in m.named_parameters() if n != "alpha")
     return int(total)
 
 

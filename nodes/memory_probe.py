@@ -99,9 +99,11 @@ def conditioning_bytes(diffusion_model: torch.nn.Module, tokens: int, prompts: i
 
 
 def lora_param_count(diffusion_model: torch.nn.Module, lora_cfg: LoRAConfig, algorithm: str = "LoRA",
-                     train_bias_norm: bool = False) -> int:
-    """Trainable numbers of the run's adapters (ComfyUI's modules for ``algorithm``, built on fake tensors)."""
-    return count_trainable(diffusion_model, lora_cfg, algorithm=algorithm, train_bias_norm=train_bias_norm)
+                     train_bias_norm: bool = False, existing=None) -> int:
+    """Trainable numbers of the run's adapters (ComfyUI's modules for ``algorithm``, built on fake tensors; a
+    continued file's own modules where it covers a layer)."""
+    return count_trainable(diffusion_model, lora_cfg, algorithm=algorithm, train_bias_norm=train_bias_norm,
+                           existing=existing)
 
 
 class SamplingCall:
@@ -297,7 +299,7 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
                    checkpointing: bool, num_prompts: int = 1, text_tokens: int = 512, guidance: float | None = 3.5,
                    vae=None, vae_sizes: dict | None = None, decode_batch: int | None = None,
                    reward_weights: int = 0, reward_chunk: int = 0, conditioning: list | None = None,
-                   algorithm: str = "LoRA", train_bias_norm: bool = False) -> RunMemory:
+                   algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None) -> RunMemory:
     """The peak of a training run with ``config`` (a :class:`~branchgrpo.trainer.TrainerConfig`), per phase.
 
     ``vae``: probed for its decode (``vae_sizes`` instead gives the sizes: ``weights``, ``decode_chunk``,
@@ -320,7 +322,7 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
         vae_sizes = vae_probe(vae, latent_shape, decode_batch)
     vae_sizes = vae_sizes or {"weights": 0, "decode_chunk": 0, "image_bytes_per_leaf": 0}
     weights = module_bytes(dm)
-    n_lora = lora_param_count(dm, lora_cfg, algorithm, train_bias_norm)
+    n_lora = lora_param_count(dm, lora_cfg, algorithm, train_bias_norm, existing)
     run = plan_run(weights=sum(weights.values()), lora_params=n_lora,
                    conditioning=conditioning_bytes(dm, text_tokens, num_prompts), tree=tree,
                    rollout_call=probes["rollout_call"], update_chunk=probes["update_chunk"],

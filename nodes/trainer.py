@@ -121,17 +121,18 @@ class ComfyProgress(Callback):
 
 def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
                        num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None,
-                       conditioning=None, algorithm: str = "LoRA", train_bias_norm: bool = False):
+                       conditioning=None, algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None):
     """The run's peak per phase, predicted before iteration 1 with the accounting ``bench.scale`` measures
     (:func:`nodes.memory_probe.predict_memory`: FakeTensor probes of one model call of each kind at the run's
     shape, weights by dtype, LoRA + AdamW, the trees). ``weights_dtype``: the dtype the base weights will be
-    stored in (fp8), when it differs from the loaded one."""
+    stored in (fp8), when it differs from the loaded one. ``existing``: a LoRA file to continue (its modules count
+    at their own rank and algorithm)."""
     run = memory_probe.predict_memory(model, latent_shape, config, lora_cfg, checkpointing=checkpointing,
                                       num_prompts=num_prompts, text_tokens=memory_probe.TEXT_TOKENS,
                                       guidance=guidance, vae=vae, decode_batch=decode_batch,
                                       reward_weights=memory_probe.reward_weight_bytes(rewards),
                                       conditioning=conditioning, algorithm=algorithm,
-                                      train_bias_norm=train_bias_norm)
+                                      train_bias_norm=train_bias_norm, existing=existing)
     if weights_dtype is not None:
         memory_probe.set_weights(run, memory_policy.weight_bytes(model, weights_dtype))
     return run
@@ -267,7 +268,7 @@ class TrainerNode(io.ComfyNode):
                 num_prompts=len(prompts["train"]) + eval_count, guidance=s.flux_guidance, vae=vae, rewards=rewards,
                 decode_batch=memory.decode_batch, weights_dtype=memory_policy.FP8.get(memory.base_weights),
                 conditioning=encode_prompt(clip, prompts["train"][0], s.flux_guidance), algorithm=algorithm,
-                train_bias_norm=bias_norm)
+                train_bias_norm=bias_norm, existing=existing)
         except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
             log.warning("BranchGRPO %s: the memory prediction is unavailable for this %s model (%s: %s); the run "
                         "is not checked against the budget.", run_name, model_family(model), type(e).__name__, e)

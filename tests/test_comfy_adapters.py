@@ -284,6 +284,24 @@ def test_memory_probe_counts_each_algorithms_trainable_numbers(pack):
                                          for m in dm.modules() if isinstance(m, torch.nn.Linear))
 
 
+def test_memory_probe_counts_a_continued_files_own_adapters(pack, tmp_path):
+    """A continued file's layers count at the file's rank and algorithm (a rank-16 LoHa file continued with a rank-2
+    LoRA selected), the layers it does not cover as fresh adapters of the selected algorithm."""
+    from branchgrpo.lora import LoRAConfig
+    ad, probe, tiny = pack["adapters"], pack["memory_probe"], pack["tiny_model"]
+    mp = tiny.build_tiny_model("flux", 0)
+    dm = mp.model.diffusion_model
+    src = ad.build_adapters(dm, LoRAConfig(rank=16, alpha=16.0, targets=("*attn*",)), algorithm="LoHa", seed=1)
+    save_file(src.comfy_state_dict(), str(tmp_path / "loha16.safetensors"))
+    loaded = ad.load_lora_for_training(mp, str(tmp_path / "loha16.safetensors"))
+    cfg = LoRAConfig(rank=2, alpha=2.0, targets=("*",))
+    with torch.inference_mode(False):
+        built = ad.build_adapters(dm, cfg, algorithm="LoRA", existing=loaded)
+    fresh_only = probe.lora_param_count(dm, cfg, "LoRA")
+    counted = probe.lora_param_count(dm, cfg, "LoRA", False, loaded)
+    assert counted == built.trainable_count() > fresh_only
+
+
 def test_a_fresh_lora_is_seeded_as_the_packs_lora_always_was(pack):
     """``down`` kaiming-uniform (as nn.Linear) drawn layer after layer from the seed, ``up`` zero: the numbers the
     pack's LoRA had before it used ComfyUI's modules (the CPU demo's README numbers depend on them)."""
