@@ -96,16 +96,16 @@ class LoRAConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-
-def _matches(name: str, config: LoRAConfig) -> bool:
-    return (any(fnmatch.fnmatchcase(name, p) for p in config.targets)
-            and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
+    def selects(self, name: str) -> bool:
+        """Whether module ``name`` matches a target and no exclude pattern."""
+        return (any(fnmatch.fnmatchcase(name, p) for p in self.targets)
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
 
 
 def select_linear(root: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Linear]]:
     """The ``(name, module)`` pairs of ``root`` a LoRA with ``config`` adapts, sorted by name."""
     return sorted((name, module) for name, module in root.named_modules()
-                  if name and isinstance(module, nn.Linear) and _matches(name, config))
+                  if name and isinstance(module, nn.Linear) and config.selects(name))
 
 
 def _is_real(value: Any) -> bool:

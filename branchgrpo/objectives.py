@@ -286,6 +286,13 @@ def _chunks(group: torch.Tensor, max_batch: int) -> list[torch.Tensor]:
     return out
 
 
+def _whole_groups(finite: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``finite`` with every member of a group that has a non-finite member dropped (DGPO: the group's preference
+    is undefined)."""
+    bad = torch.unique(group[~finite.cpu()])
+    return finite & ~torch.isin(group, bad).to(finite.device)
+
+
 def forward_update(model: Any, cond: Any, x0: torch.Tensor, index: torch.Tensor, adv: torch.Tensor,
                    group: torch.Tensor, schedule: BranchSchedule, cfg: ObjectiveConfig, optim: Any,
                    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], *,
@@ -387,9 +394,7 @@ def forward_update(model: Any, cond: Any, x0: torch.Tensor, index: torch.Tensor,
                 dsm_u, ref_u, clip_u = torch.cat(dsm_all), torch.cat(ref_all), torch.cat(clip_all)
                 a_u = adv[unit].to(device)
                 stats["clipfrac"] += float(clip_u.float().sum())
-                finite = torch.isfinite(dsm_u) & torch.isfinite(ref_u)
-                bad_groups = torch.unique(gu[~finite.cpu()])
-                finite = finite & ~torch.isin(gu, bad_groups).to(finite.device)
+                finite = _whole_groups(torch.isfinite(dsm_u) & torch.isfinite(ref_u), gu)
                 leaf = dsm_u.detach().clone().requires_grad_(True)
                 g_dev = gu.to(device)
                 if finite.any():
@@ -460,10 +465,7 @@ def forward_update(model: Any, cond: Any, x0: torch.Tensor, index: torch.Tensor,
                     finite = torch.isfinite(per.detach())
                     total = per[finite].sum()
                 else:
-                    finite = torch.isfinite(dsm.detach()) & torch.isfinite(dsm_ref)
-                    # A group with a non-finite member is dropped whole (its preference is undefined).
-                    bad_groups = torch.unique(gc[~finite.cpu()])
-                    finite = finite & ~torch.isin(gc, bad_groups).to(finite.device)
+                    finite = _whole_groups(torch.isfinite(dsm.detach()) & torch.isfinite(dsm_ref), gc)
                     total = dgpo_loss(dsm[finite], dsm_ref[finite], a[finite], gc.to(device)[finite], cfg.dpo_beta) \
                         if finite.any() else dsm.sum() * 0.0
                     if kl is not None:

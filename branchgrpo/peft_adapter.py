@@ -85,15 +85,19 @@ def _peft_config(algorithm: str, config: LoRAConfig, pattern: str):
     raise ValueError(algorithm_error(algorithm))
 
 
-def _base_weight(layer: nn.Module) -> Tensor:
-    w = layer.get_base_layer().weight
-    if hasattr(w, "full_tensor"):  # a DTensor shard (FSDP): the whole weight
-        w = w.full_tensor()
-    return w.detach()
-
-
 def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor shard (FSDP), detached."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
+def _base_weight(layer: nn.Module) -> Tensor:
+    """The base weight of a tuner layer, or the weight of a module peft did not adapt."""
+    return _full((layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight)
+
+
+def _lora_weight(layer: nn.Module, w: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """``W + scaling * up @ down``: the weight DoRA normalises."""
+    return w + (up @ down) * float(layer.scaling[_ADAPTER])
 
 
 def module_weights(layer: nn.Module, algorithm: str) -> dict[str, Tensor]:
@@ -108,7 +112,7 @@ def module_weights(layer: nn.Module, algorithm: str) -> dict[str, Tensor]:
         if algorithm == "DoRA":
             w = _base_weight(layer).to("cpu", torch.float32)
             m = f32(layer.lora_magnitude_vector[a].weight).reshape(-1)
-            trained = w + (up @ down) * float(layer.scaling[a])
+            trained = _lora_weight(layer, w, up, down)
             dora = m * (w.norm(dim=1) + _F32_EPS) / trained.norm(dim=1)
             out[".dora_scale"] = dora.reshape(-1, 1).contiguous()
         return out
@@ -142,7 +146,7 @@ def delta_weight(layer: nn.Module, algorithm: str) -> Tensor:
         d = w @ r.t() - w
     elif algorithm == "DoRA":
         up, down = layer.lora_B[_ADAPTER].weight.float(), layer.lora_A[_ADAPTER].weight.float()
-        trained = w + (up @ down) * float(layer.scaling[_ADAPTER])
+        trained = _lora_weight(layer, w, up, down)
         m = _full(layer.lora_magnitude_vector[_ADAPTER].weight).float().reshape(-1, 1)
         d = trained * (m / trained.norm(dim=1, keepdim=True)) - w
     else:  # peft's own dense delta of LoRA / LoHa / LoKr
@@ -378,19 +382,13 @@ class PeftAdapter:
         if alg == "DoRA":  # rows no part adapts: scale = their norm (+ eps), i.e. unchanged
             dora = torch.empty(height, 1)
             for offset, n in self._part_rows(target):
-                w = (self._base_weight_of(n)).to("cpu", torch.float32)
+                w = _base_weight(self.model.get_submodule(n)).to("cpu", torch.float32)
                 dora[offset:offset + w.shape[0], 0] = w.norm(dim=1) + _F32_EPS
             for offset, swap, w in parts:
                 d = w[".dora_scale"]
                 dora[offset:offset + d.shape[0]] = _swap_halves(d) if swap else d
             out[".dora_scale"] = dora
         return out
-
-    def _base_weight_of(self, name: str) -> Tensor:
-        m = self.model.get_submodule(name)
-        if hasattr(m, "get_base_layer"):
-            return _base_weight(m)
-        return _full(m.weight)
 
     def __repr__(self) -> str:
         return (f"PeftAdapter({self.algorithm}, rank={self.config.rank}, alpha={self.config.alpha:g}, "

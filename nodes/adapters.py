@@ -22,7 +22,6 @@ included), ``.diff`` and ``.diff_b``; the stock ``LoraLoaderModelOnly`` and ``Lo
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import math
 import os
@@ -76,23 +75,19 @@ class Target:
     shape: tuple[int, ...]
 
 
-def _selected(name: str, config: LoRAConfig) -> bool:
-    return (any(fnmatch.fnmatchcase(name, p) for p in config.targets)
-            and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
-
-
 def plan_targets(diffusion_model: torch.nn.Module, config: LoRAConfig, *, train_bias_norm: bool = False) -> list[Target]:
     """What a set with ``config`` trains on ``diffusion_model``, in a fixed order (sorted Linear names first)."""
-    out = [Target(n, "weight", tuple(m.weight.shape)) for n, m in select_linear(diffusion_model, config)]
+    linears = select_linear(diffusion_model, config)
+    out = [Target(n, "weight", tuple(m.weight.shape)) for n, m in linears]
     if train_bias_norm:
-        for n, m in select_linear(diffusion_model, config):
+        for n, m in linears:
             if getattr(m, "bias", None) is not None:
                 out.append(Target(n, "diff_b", tuple(m.bias.shape)))
         for n, m in sorted(diffusion_model.named_modules()):
             if not n or isinstance(m, torch.nn.Linear) or not hasattr(m, "weight_function"):
                 continue
             w = getattr(m, "weight", None)
-            if isinstance(w, torch.Tensor) and w.dim() == 1 and _selected(n, config):
+            if isinstance(w, torch.Tensor) and w.dim() == 1 and config.selects(n):
                 out.append(Target(n, "diff", tuple(w.shape)))
                 if getattr(m, "bias", None) is not None:
                     out.append(Target(n, "diff_b", tuple(m.bias.shape)))

@@ -10,12 +10,23 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from comfy_server import comfy_missing_reason, server_fixtures  # noqa: E402
 
 comfy_base, comfy = server_fixtures()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    thread start-up costs more than it saves, and the CPUs are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 _COMFY_FIXTURES = {"comfy", "comfy_base"}
 

@@ -18,6 +18,8 @@ from branchgrpo.objectives import (EMAPolicy, ObjectiveConfig, awm_logprob, awm_
                                    nft_loss, nft_reward_weight, old_decay, pick_timesteps, velocity_kl)
 from tiny_flow import MeanBrightness, TinyFlow, decode_to_image
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (4, 4, 4)
 
 
@@ -270,15 +272,6 @@ def shrink(cfg: TrainerConfig) -> TrainerConfig:
             s.sde_window_range = (0, 4)
     cfg.objective.train_timesteps = min(cfg.objective.train_timesteps, 3)
     return cfg
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared CPU, two threads of a small model mostly wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", NEW_PRESETS)

@@ -40,12 +40,7 @@ needs_comfy = pytest.mark.skipif(not (COMFY_DIR / "comfy" / "lora.py").is_file()
                                  reason=".comfyui/ is missing: run scripts/setup_dev.sh")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
