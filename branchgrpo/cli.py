@@ -255,7 +255,7 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
     from .config_file import ConfigError, dump_config, write_text_atomic
     from .distributed import SingleProcess, TorchDistributed
     from .lora import LoRAConfig, save_state_dict
-    from .peft_adapter import PeftAdapter
+    from .peft_adapter import AdapterError, PeftAdapter
     from .models import diffusers_adapter as da
     from .trainer import BranchGRPOTrainer
 
@@ -310,17 +310,17 @@ def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None)
         lcfg = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
                           exclude=tuple(cfg.lora.exclude))
         from .lora import select_linear
-        unmapped = da.unmapped_modules(transformer, family, [n for n, _ in select_linear(transformer, lcfg)])
+        layout = da.comfy_layout(transformer, family)
+        unmapped = [n for n, _ in select_linear(transformer, lcfg) if n not in layout[0]]
         if unmapped:
             raise ConfigError("lora.targets", f"{len(unmapped)} adapted module(s) have no ComfyUI equivalent, so the "
                                               f"adapter could not load in ComfyUI: {unmapped[:6]}; exclude them "
                                               "(lora.exclude) or narrow lora.targets")
         try:
             lora = PeftAdapter(transformer, lcfg, cfg.lora.algorithm, seed=cfg.trainer.seed, dtype=torch.float32,
-                               layout=da.comfy_layout(transformer, family))
-        except ValueError as e:
-            field = "lora.rank" if "block" in str(e) and cfg.lora.algorithm == "OFT" else "lora.targets"
-            raise ConfigError(field, str(e)) from None
+                               layout=layout)
+        except AdapterError as e:
+            raise ConfigError(f"lora.{e.field}", str(e)) from None
         lora.to(device)
         if cfg.model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()

@@ -49,11 +49,20 @@ from torch import Tensor, nn
 
 from .lora import LoRAConfig, select_linear
 
-__all__ = ["ALGORITHMS", "PeftAdapter", "algorithm_error", "module_weights", "delta_weight", "effective_weight"]
+__all__ = ["ALGORITHMS", "AdapterError", "PeftAdapter", "algorithm_error", "module_weights", "delta_weight", "effective_weight"]
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT", "DoRA")
 _F32_EPS = torch.finfo(torch.float32).eps  # ComfyUI's weight_decompose eps (it patches float32 weights)
 _ADAPTER = "default"
+
+
+class AdapterError(ValueError):
+    """A setting the adapter cannot be built with; ``field`` names the :class:`LoRAConfig` field (or
+    ``"algorithm"``) to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def algorithm_error(algorithm: Any) -> str | None:
@@ -192,7 +201,7 @@ class PeftAdapter:
                  prefix: str = "diffusion_model") -> None:
         err = algorithm_error(algorithm)
         if err:
-            raise ValueError(err)
+            raise AdapterError("algorithm", err)
         config.validate()
         import peft  # noqa: F401  (fails here, with its own message, when peft is missing)
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -201,21 +210,22 @@ class PeftAdapter:
         found = select_linear(model, config)
         if not found:
             linears = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-            raise ValueError(f"{algorithm}: no nn.Linear module matches targets={config.targets!r}"
-                             + (f" minus exclude={config.exclude!r}" if config.exclude else "")
-                             + (f"; the model's Linear modules include {linears[:8]}" if linears else
-                                f"; {type(model).__name__} contains no nn.Linear"))
+            raise AdapterError("targets", f"{algorithm}: no nn.Linear module matches targets={config.targets!r}"
+                               + (f" minus exclude={config.exclude!r}" if config.exclude else "")
+                               + (f"; the model's Linear modules include {linears[:8]}" if linears else
+                                  f"; {type(model).__name__} contains no nn.Linear"))
         self.names: list[str] = [n for n, _ in found]
         if algorithm == "OFT":
             bad = [f"{n} ({m.in_features} inputs)" for n, m in found if m.in_features % config.rank]
             if bad:
-                raise ValueError(f"OFT rotates each layer's inputs in blocks of rank = {config.rank} features, "
-                                 f"which must divide every adapted layer's input size: {bad[:6]}; choose a "
-                                 f"rank that divides them (e.g. a power of two) or exclude those layers")
+                raise AdapterError("rank", f"OFT rotates each layer's inputs in blocks of rank = {config.rank} "
+                                   f"features, which must divide every adapted layer's input size: {bad[:6]}; "
+                                   f"choose a rank that divides them (e.g. a power of two) or exclude those layers")
         if layout is not None:
             missing = [n for n in self.names if n not in layout[0]]
             if missing:
-                raise ValueError(f"{len(missing)} adapted module(s) have no ComfyUI equivalent: {missing[:6]}")
+                raise AdapterError("targets", f"{len(missing)} adapted module(s) have no ComfyUI equivalent: "
+                                              f"{missing[:6]}")
         self.layout = layout
         self._bases = {n: m for n, m in found}
         pattern = "^(?:" + "|".join(re.escape(n) for n in self.names) + ")$"

@@ -66,8 +66,10 @@ def _transformer(family: str, folder: Path):
                                                                         local_files_only=True).eval()
 
 
-def _random_lora(root, rank=2, alpha=3.0) -> PeftAdapter:
-    lora = PeftAdapter(root, LoRAConfig(rank=rank, alpha=alpha, targets=("*",)), seed=0)
+def _random_lora(root, family, rank=2, alpha=3.0) -> PeftAdapter:
+    """A LoRA on every Linear of a diffusers transformer, exported under ComfyUI's module names."""
+    lora = PeftAdapter(root, LoRAConfig(rank=rank, alpha=alpha, targets=("*",)), seed=0,
+                       layout=da.comfy_layout(root, family))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n in lora.names:
@@ -139,8 +141,8 @@ TINY_COMFY_WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 32, "out_
 def test_flux_lora_keys_load_in_comfyui(comfy, tiny):
     """FLUX: every Linear adapted (q/k/v fused into ComfyUI's qkv and linear1, norm_out swapped)."""
     tr = _transformer("flux", tiny["flux"])
-    lora = _random_lora(tr)
-    sd = da.comfy_lora_state_dict(lora, tr, "flux")
+    lora = _random_lora(tr, "flux")
+    sd = lora.comfy_state_dict()
     assert all(k.startswith("diffusion_model.") for k in sd)
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight" in sd
     assert sd["diffusion_model.single_blocks.0.linear1.lora_down.weight"].shape[0] == 4 * 2  # q, k, v, mlp
@@ -158,8 +160,8 @@ def test_sd3_lora_keys_load_in_comfyui(comfy, tiny):
     tr = _transformer("sd3", tiny["sd3"])
     mp = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in tr.state_dict().items()})
     assert mp is not None and type(mp.model).__name__ == "SD3"
-    lora = _random_lora(tr)  # (peft wraps the adapted Linears in place)
-    sd = da.comfy_lora_state_dict(lora, tr, "sd3")
+    lora = _random_lora(tr, "sd3")  # (peft wraps the adapted Linears in place)
+    sd = lora.comfy_state_dict()
     applied = _apply_lora_in_comfy(comfy, mp.model, sd)
     table = comfy.utils.mmdit_to_diffusers(mp.model.model_config.unet_config, output_prefix="diffusion_model.")
     _compare(applied, _expected_from_table(table, lora, {k: v.shape for k, v in mp.model.state_dict().items()}))
@@ -184,8 +186,8 @@ def test_wan_single_file_and_lora_keys_load_in_comfyui(comfy, tiny, tmp_path):
         target, offset, swap = layout[name]
         assert offset == 0 and not swap
         assert torch.equal(tr.get_submodule(name).weight, comfy_sd[target + ".weight"]), name
-    lora = _random_lora(tr)
-    sd = da.comfy_lora_state_dict(lora, tr, "wan")
+    lora = _random_lora(tr, "wan")
+    sd = lora.comfy_state_dict()
     applied = _apply_lora_in_comfy(comfy, model, sd)
     expected = {f"diffusion_model.{k}": torch.zeros(v.shape) for k, v in comfy_sd.items()}
     for name in lora.names:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["FAMILIES", "detect_family", "load_pipeline", "DiffusersFlowModel", "comfy_layout",
-           "comfy_lora_state_dict", "unmapped_modules", "shard_transformer", "default_max_sequence_length"]
+           "shard_transformer", "default_max_sequence_length"]
 
 FAMILIES = ("flux", "sd3", "wan")
 PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}
@@ -461,30 +461,6 @@ def comfy_layout(root: nn.Module, family: str) -> tuple[dict[str, tuple[str, int
                 rows[target] = max(rows[target], offset + mod.out_features)
                 break
     return layout, dict(rows)
-
-
-def unmapped_modules(root: nn.Module, family: str, names: Sequence[str]) -> list[str]:
-    """The adapted module names that have no ComfyUI equivalent."""
-    layout, _ = comfy_layout(root, family)
-    return [n for n in names if n not in layout]
-
-
-def comfy_lora_state_dict(adapter, root: nn.Module, family: str,
-                          prefix: str = "diffusion_model") -> dict[str, torch.Tensor]:
-    """``adapter`` (a :class:`~branchgrpo.peft_adapter.PeftAdapter` injected into ``root``, the diffusers
-    transformer) in ComfyUI's key format under ComfyUI's module names: ``{prefix}.{ComfyUI module}.lora_up.weight``
-    / ``.hada_w1_a`` / ``.lokr_w1`` / ``.dora_scale`` / ``.diff`` ... Parts of a fused ComfyUI layer are merged
-    exactly (see :mod:`branchgrpo.peft_adapter`)."""
-    layout = comfy_layout(root, family)
-    missing = [n for n in adapter.names if n not in layout[0]]
-    if missing:
-        raise ValueError(f"adapted modules without a ComfyUI equivalent: {missing[:8]}")
-    saved = (adapter.layout, adapter.prefix)
-    adapter.layout, adapter.prefix = layout, prefix
-    try:
-        return adapter.comfy_state_dict()
-    finally:
-        adapter.layout, adapter.prefix = saved
 
 
 # ------------------------------------------------------------------------------------------- FSDP
