@@ -92,6 +92,21 @@ HPS_V21_PARAMS = "ViT-H-14"
 RATIO_PRESETS = ("dancegrpo", "branchgrpo", "branchgrpo-deppru", "branchgrpo-mix")
 
 
+def narrowed(family: str, width: int) -> dict:
+    """The family's configuration at ``width`` channels (head size 128 kept): a fast smoke shape of the same
+    architecture. MMDiT ties its width to its depth (64 per block), so SD3.5 has no narrow form."""
+    unet = copy.deepcopy(FAMILIES[family]["unet"])
+    if width % 128:
+        raise SystemExit(f"--width {width}: must be a multiple of 128 (the head size)")
+    if unet.get("image_model") == "flux":
+        unet.update(hidden_size=width, num_heads=width // 128)
+    elif unet.get("image_model") == "wan2.1":
+        unet.update(dim=width, num_heads=width // 128, ffn_dim=4 * width)
+    else:
+        raise SystemExit(f"--width: {family} sets its width from its depth; only FLUX and Wan have a narrow form")
+    return unet
+
+
 def import_comfy(cpu: bool = True):
     """ComfyUI's modules in this process and the pack imported as ComfyUI imports a custom node. Returns a
     namespace with the pack's ``comfy_model`` and ``memory_probe`` modules."""
@@ -418,7 +433,7 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
     run = {
         "family": family, "resolution": res if isinstance(res, int) else list(res), "frames": frames if spec["video"] else 1,
         "preset": preset_name, "weight_dtype": args.weight_dtype, "checkpointing": use_gc,
-        "blocks": args.blocks if args.blocks else "full", "device": str(device),
+        "blocks": args.blocks if args.blocks else "full", "width": args.width or "real", "device": str(device),
         "seconds": {"rollout": last["time_rollout"], "decode": last["time_decode"],
                     "reward": last["time_reward_model"], "update": last["time_update"]},
         "seconds_per_iteration": per_it, "model_evaluations": nfe[-1],
@@ -541,7 +556,8 @@ def ratios(args, device, cm, mprobe) -> dict:
                     "model_evaluations_update": runs[name]["model_evaluations_update"],
                     "peak_bytes_measured": runs[name]["peak_bytes_measured"],
                     "peak_bytes_predicted": runs[name]["peak_bytes_predicted"]} for name, v in per.items()}
-    return {"family": family, "blocks": args.blocks or "full", "resolution": args.resolution, "steps": args.steps,
+    return {"family": family, "blocks": args.blocks or "full", "width": args.width or "real",
+            "resolution": args.resolution, "steps": args.steps,
             "device": str(device), "presets": table, "runs": list(runs.values())}
 
 
@@ -563,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--split-steps", default=None, help="override the split steps, e.g. '0' or '' for none")
     ap.add_argument("--group-size", type=int, default=0, help="override the group size (roots per prompt)")
     ap.add_argument("--blocks", type=int, default=1, help="blocks kept per block list (0 = full depth)")
+    ap.add_argument("--width", type=int, default=0,
+                    help="channels of the model (0: the family's real width); a narrow smoke shape of FLUX / Wan")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=1, help="prompts (trees) per iteration")
@@ -585,6 +603,9 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     args.family = args.family or ["flux-dev"]
     args.presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+    if args.width:
+        for family in args.family:
+            FAMILIES[family] = dict(FAMILIES[family], unet=narrowed(family, args.width))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")

@@ -9,16 +9,19 @@
 #      started without --cpu.
 # Results: gpu_check/ratios.json, gpu_check/demo_summary.json, gpu_check/comfyui.log.
 #
-# CPU form (run by the test suite, small and fast): scripts/gpu_check.sh --device cpu --blocks 1
-# Options: --device cuda|cpu, --blocks N (0 = full depth), --resolution PX, --steps N, --out DIR, --no-demo.
+# CPU form (run by the test suite, small and fast: FLUX's architecture narrowed to 256 channels, one block per
+# list, 64 px, 2 steps): scripts/gpu_check.sh --device cpu --blocks 1
+# Options: --device cuda|cpu, --blocks N (0 = full depth), --width N (0 = real), --resolution PX, --steps N,
+# --out DIR, --no-demo.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
-DEVICE=cuda BLOCKS=0 RES=512 STEPS=8 OUT=gpu_check DEMO=1 TOKENS=512 GROUP=0 SPLITS=""
+DEVICE=cuda BLOCKS=0 WIDTH=0 RES=512 STEPS=8 OUT=gpu_check DEMO=1 TOKENS=512 GROUP=0 SPLITS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --blocks) BLOCKS=$2; shift 2 ;;
+    --width) WIDTH=$2; shift 2 ;;
     --resolution) RES=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
@@ -28,9 +31,10 @@ while [ $# -gt 0 ]; do
 done
 EXTRA=()
 if [ "$DEVICE" = cpu ]; then
-  # the CPU form: full width, one block per list, a tiny shape and tree, the demo left to scripts/demo.sh
-  # (a smoke test of this script: 2 steps, 4 roots, the tree forking once; run bench.scale --ratios for ratios)
+  # the CPU form: a smoke test of this script, in seconds (2 steps, 4 roots, the tree forking once, 256 channels);
+  # the demo is left to scripts/demo.sh, the full-width CPU ratios to bench.scale --ratios
   RES=64 STEPS=2 TOKENS=8 DEMO=0
+  if [ "$WIDTH" = 0 ]; then WIDTH=256; fi
   EXTRA=(--group-size 4 --split-steps 0 --lora-rank 4 --lora-targets "*qkv*" --max-batch 16 --max-train-batch 16
          --iterations 1)
 else
@@ -38,8 +42,8 @@ else
 fi
 mkdir -p "$OUT"
 T0=$SECONDS
-echo "[gpu_check] FLUX.1-dev architecture, blocks=${BLOCKS} (0 = full depth), ${RES}px, ${STEPS} steps, device ${DEVICE}"
-"$PY" -m bench.scale --ratios --family flux-dev --device "$DEVICE" --blocks "$BLOCKS" --resolution "$RES" \
+echo "[gpu_check] FLUX.1-dev architecture, blocks=${BLOCKS} (0 = full depth), width=${WIDTH} (0 = real), ${RES}px, ${STEPS} steps, device ${DEVICE}"
+"$PY" -m bench.scale --ratios --family flux-dev --device "$DEVICE" --blocks "$BLOCKS" --width "$WIDTH" --resolution "$RES" \
   --steps "$STEPS" --text-tokens "$TOKENS" "${EXTRA[@]}" --out "$OUT/ratios.json"
 "$PY" - "$OUT/ratios.json" <<'EOF'
 import json, sys

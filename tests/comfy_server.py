@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import procs
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", REPO_ROOT / ".comfyui"))
 VENV_PYTHON = Path(os.environ.get("BRANCHGRPO_COMFY_PYTHON", REPO_ROOT / ".venv" / "bin" / "python"))
@@ -151,7 +153,7 @@ class ComfyServer:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.command, cwd=str(self.base_dir), env=env,
                                      stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, **procs.group_kwargs())
         deadline = t0 + timeout
         while True:
             if self.proc.poll() is not None:
@@ -174,13 +176,8 @@ class ComfyServer:
 
     def stop(self, grace: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=grace)
+        if proc is not None:
+            procs.kill_group(proc, grace)  # the server and anything it started
         self._close_log()
 
     def _close_log(self):

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import procs
 import tiny_diffusers as td
 from branchgrpo import cli
 from branchgrpo.config_file import ConfigError, default_template, dump_toml, load_config, parse_config
@@ -197,7 +198,7 @@ def test_resume_continues_exactly(tiny, tmp_path, reference_run):
 def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "branchgrpo", "train",
            str(config), "-q", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return procs.run(cmd, cwd=ROOT, env=ENV, timeout=300)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])

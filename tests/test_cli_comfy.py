@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import procs
 import tiny_diffusers as td
 from branchgrpo.lora import LoRAConfig
 from branchgrpo.models import diffusers_adapter as da
@@ -258,8 +258,8 @@ def test_export_node_config_trains_headless(comfy, tiny, tmp_path):
 
     # headless: exactly the command line the node shows (single process), in a fresh process
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([PY, "-m", "branchgrpo", "train", config_path, "-q", "--set", "model.max_sequence_length=16"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = procs.run([PY, "-m", "branchgrpo", "train", config_path, "-q", "--set", "model.max_sequence_length=16"],
+                     cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lora_file = loras / "branchgrpo" / "node_run.safetensors"
     assert lora_file.is_file() and (out_dir / "branchgrpo" / "node_run" / "checkpoint.pt").is_file()

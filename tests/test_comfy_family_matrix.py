@@ -231,8 +231,19 @@ def test_in_place_block_updates_train_the_same_with_gradient_checkpointing(comfy
                          timeout=600)["status"]["status_str"] == "success"
         loras[mode] = load_file(str(comfy_base / "models" / "loras" / "branchgrpo" / f"{run}.safetensors"))
     assert set(loras["on"]) == set(loras["off"])
-    assert max(float((loras["on"][k] - loras["off"][k]).abs().max()) for k in loras["on"]) < 1e-5
-    assert any(float(v.abs().max()) > 0 for k, v in loras["on"].items() if k.endswith("lora_up.weight"))
+    # AdamW moves every element by about the learning rate per step whatever its gradient's size (the step is
+    # m / sqrt(v)), and the up matrices start at zero, so their largest entry is the size of the training's
+    # movement. Recomputing a block changes its gradients only by float rounding, which AdamW passes on as a
+    # relative change of the movement (an element whose gradient is near 0 can move a little differently), while
+    # a block that reads an input its own in-place update overwrote gives gradients, and so a movement, that
+    # differ at their own scale. 1 % of the movement separates the two: rounding gave 4.3e-5 of it here (1.8e-4 on a
+    # busy machine), a block whose saved input is not copied (LTX-Video) gave 1.0.
+    movement = max(float(v.abs().max()) for k, v in loras["off"].items() if k.endswith("lora_up.weight"))
+    assert movement > 0
+    diff = max(float((loras["on"][k] - loras["off"][k]).abs().max()) for k in loras["on"])
+    print(f"{name}: checkpointing on vs off: max difference {diff:.3g}, movement {movement:.3g}, "
+          f"ratio {diff / movement:.3g}")
+    assert diff <= 1e-2 * movement
 
 
 def test_3d_shape_family_is_refused_with_its_name_and_reason(comfy, comfy_base, family_models):

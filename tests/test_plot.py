@@ -4,11 +4,11 @@ each health panel draws its series, the evaluation reward appears only when the 
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
+import procs
 from comfy_server import COMFY_DIR, REPO_ROOT, VENV_PYTHON, comfy_missing_reason
 
 SCRIPT = r'''
@@ -65,7 +65,7 @@ def rendered(tmp_path_factory):
     (d / "cases.json").write_text(json.dumps(cases))
     (d / "render.py").write_text(SCRIPT)
     cmd = [str(VENV_PYTHON), str(d / "render.py"), str(REPO_ROOT), str(COMFY_DIR), str(d / "cases.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = procs.run(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+import procs
 import tiny_rewards as tr
 from comfy_server import COMFY_DIR, REPO_ROOT, VENV_PYTHON, ComfyExecutionError, ComfyQueueError, comfy_missing_reason
 from branchgrpo.rewards import RewardMix, make_reward
@@ -229,12 +230,11 @@ def test_scorers_are_shared_managed_by_comfy_and_released(tmp_path):
     """Two loaders on the same CLIP folder share one module and one ModelPatcher; scoring registers it
     with comfy.model_management; a different batch size is a view on the same weights; once no output
     holds the scorer, unload_all_models + gc frees it (the weak cache does not keep it alive)."""
-    import subprocess
     script = tmp_path / "release.py"
     script.write_text(RELEASE_SCRIPT)
     assert (COMFY_DIR / "main.py").is_file()
-    proc = subprocess.run([str(VENV_PYTHON), str(script), str(REPO_ROOT), str(tmp_path / "base"), str(COMFY_DIR)],
-                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    proc = procs.run([str(VENV_PYTHON), str(script), str(REPO_ROOT), str(tmp_path / "base"), str(COMFY_DIR)],
+                     timeout=300, cwd=str(tmp_path))
     assert "RELEASED-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -277,9 +277,8 @@ print("YAML-OK")
 def test_reward_models_folder_from_extra_model_paths_yaml(tmp_path):
     """A 'reward_models' entry of extra_model_paths.yaml (loaded by ComfyUI before custom nodes) is searched
     next to <models>/reward_models, and the loaders find and load weights there."""
-    import subprocess
     script = tmp_path / "yaml_paths.py"
     script.write_text(YAML_SCRIPT)
-    proc = subprocess.run([str(VENV_PYTHON), str(script), str(REPO_ROOT), str(tmp_path / "base"), str(COMFY_DIR)],
-                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    proc = procs.run([str(VENV_PYTHON), str(script), str(REPO_ROOT), str(tmp_path / "base"), str(COMFY_DIR)],
+                     timeout=300, cwd=str(tmp_path))
     assert "YAML-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

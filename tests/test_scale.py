@@ -134,14 +134,15 @@ def test_bench_scale_cpu_one_block(comfy_modules, tmp_path, family, resolution, 
 
 
 def test_gpu_check_script_runs_in_its_cpu_form(tmp_path):
-    """``scripts/gpu_check.sh --device cpu --blocks 1``: the FLUX.1-dev architecture at full width (one block per
-    list) trains one iteration of each preset through the Trainer's path, prints the ratio table, and its
-    measured peaks agree with the Trainer's predictions."""
-    import subprocess
+    """``scripts/gpu_check.sh --device cpu --blocks 1``: the FLUX.1-dev architecture (narrowed to 256 channels,
+    one block per list) trains one iteration of each preset through the Trainer's path, prints the ratio table,
+    and its measured peaks agree with the Trainer's predictions. A smoke test of the script, in seconds; its
+    process group is killed if it runs over."""
+    import procs
     env = dict(os.environ, PYTHON=sys.executable)
     out = tmp_path / "gpu_check"
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--blocks", "1",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = procs.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--blocks", "1",
+                      "--out", str(out)], cwd=ROOT, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "measured GiB" in proc.stdout and "[gpu_check] ratios done" in proc.stdout
     presets = json.loads((out / "ratios.json").read_text())["ratios"]["presets"]
