@@ -28,6 +28,34 @@ def _create_temp(folder: str, name: str) -> tuple[int, str]:
     raise FileExistsError(f"could not create a temporary file for {name!r} in {folder}")
 
 
+def _is_temp_of(entry: str, name: str | None) -> bool:
+    """Whether ``entry`` is a temporary file of :func:`_create_temp` (``.tmp-<12 hex>-<name>``)."""
+    if not entry.startswith(".tmp-") or len(entry) < 19 or entry[17] != "-":
+        return False
+    token = entry[5:17]
+    return all(c in "0123456789abcdef" for c in token) and (name is None or entry[18:] == name)
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[str]:
+    """Remove the temporaries a crashed :func:`atomic_write` left in ``folder`` (of target ``name``, or all);
+    returns the paths removed. Call it where no other write into ``folder`` can be under way (a run's start)."""
+    folder = os.fspath(folder)
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        path = os.path.join(folder, entry)
+        if _is_temp_of(entry, name) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
     """Call ``write(handle)`` on a temporary file, then move it over ``path``."""
     path = os.fspath(path)

@@ -49,6 +49,10 @@ class OptimConfig:
     (TempFlow-GRPO's noise-aware weighting: more weight where the SDE explores more)."""
 
     def validate(self, where: str = "OptimConfig") -> None:
+        for name in ("learning_rate", "max_grad_norm", "clip_range", "kl_beta", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{where}: {name} must be a finite number (got {value!r}).")
         checks = [
             ("learning_rate", self.learning_rate > 0, "must be > 0"),
             ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),

@@ -257,11 +257,19 @@ class EMAPolicy:
 
 
 # ------------------------------------------------------------------------------ the update ---
-def pick_timesteps(schedule: BranchSchedule, cfg: ObjectiveConfig, generator: torch.Generator) -> list[int]:
-    """Step indices of the rollout's schedule whose sigmas are the re-noising timesteps."""
+def timestep_candidates(schedule: BranchSchedule, cfg: ObjectiveConfig) -> range:
+    """The step indices the re-noising timesteps are drawn from: ``[first_step, num_steps * timestep_fraction)``;
+    at most ``len()`` of them are used per image, whatever ``train_timesteps`` asks."""
     lo = min(cfg.first_step, schedule.num_steps - 1)
     hi = max(lo + 1, min(schedule.num_steps, int(schedule.num_steps * cfg.timestep_fraction)))
-    cand = list(range(lo, hi))
+    return range(lo, hi)
+
+
+def pick_timesteps(schedule: BranchSchedule, cfg: ObjectiveConfig, generator: torch.Generator) -> list[int]:
+    """Step indices of the rollout's schedule whose sigmas are the re-noising timesteps."""
+    cand = timestep_candidates(schedule, cfg)
+    lo, hi = cand.start, cand.stop
+    cand = list(cand)
     n = min(cfg.train_timesteps, len(cand))
     if cfg.timestep_sampling == "stratified":
         bounds = torch.linspace(lo, hi, n + 1)

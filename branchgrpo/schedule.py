@@ -109,9 +109,11 @@ class BranchSchedule:
                           f"exactly one split step (got {self.branch_step_range}, split_steps {steps}).")
         last = self.num_steps - 1
         if last in self.branching_at() and self.branching_at()[last] > 1:
+            fix = (f"split at most at step {last - 1}" if last > 0 else
+                   "a 1-step rollout has no step to fork at: use at least 2 steps, or no split steps")
             raise bad("split_steps", f"contains the last step {last}: its children all get the clean estimate "
                       f"x0 = x - sigma*v of their common parent, so the siblings are identical images with equal "
-                      f"rewards and zero advantage; split at most at step {last - 1}.")
+                      f"rewards and zero advantage; {fix}.")
         if self.sde_window_slide_every < 0:
             raise bad("sde_window_slide_every", "must be >= 0.")
         if self.num_leaves() < 2:

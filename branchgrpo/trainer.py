@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -25,11 +26,13 @@ from .loss import OptimConfig, policy_update
 from .objectives import EMAPolicy, ObjectiveConfig, forward_update, old_decay
 from .distributed import SingleProcess
 from .evaluate import evaluate, reference_kl, reward_spread
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_stale_temps
 from .models.base import VelocityModel
 from .pruning import PruningConfig, active_depths, select_edges
 from .schedule import BranchSchedule
 from .tree import Tree, rollout
+
+log = logging.getLogger("branchgrpo")
 
 CHECKPOINT_FORMAT = "branchgrpo-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -371,6 +374,10 @@ class BranchGRPOTrainer:
         """Run until ``until`` (default ``config.iterations``) completed iterations."""
         until = self.config.iterations if until is None else until
         every = self.config.checkpoint_every
+        if checkpoint_path is not None and self.dist.is_main():
+            # a checkpoint write cut short by a crash leaves its temporary behind, as large as the checkpoint
+            for stale in remove_stale_temps(os.path.dirname(os.path.abspath(checkpoint_path))):
+                log.info("removed %s, left by a checkpoint write that did not finish", stale)
         while self.iteration < until:
             self.step()
             if checkpoint_path is not None and every > 0 and self.iteration % every == 0:

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -117,6 +117,18 @@ def check_rank(targets: Sequence[Target], algorithm: str, rank: int, node: str =
             i1, i2 = factorization(in_dim, rank)
             if o1 * i1 + o2 * i2 >= out_dim * in_dim:
                 bad.append(f"{t.name} ({out_dim}x{in_dim})")
+    useless = _rank_unused(targets, algorithm, rank)
+    weights = [t for t in targets if t.kind == "weight"]
+    if weights and len(useless) == len(weights) and not bad:
+        if algorithm == "LoKr":
+            raise ValueError(f"{node}: lora_rank — LoKr factor {rank} fits none of the {len(weights)} adapted "
+                             f"layers (a factor f is used on a width it divides with f*f <= width), so ComfyUI would "
+                             f"quietly pick another factorisation for every one: {_listing(useless)}. Pick a factor "
+                             "that divides the widths (e.g. 4, 8 or 16).")
+        widest = max(min(t.shape[0], math.prod(t.shape[1:])) for t in weights)
+        raise ValueError(f"{node}: lora_rank — {algorithm} rank {rank} is above the rank every adapted layer can "
+                         f"have (at most {widest}: the smaller of its widths), so the extra rank trains nothing and "
+                         f"only costs memory. Set lora_rank to at most {widest}.")
     if not bad:
         return
     if algorithm == "OFT":
@@ -126,6 +138,34 @@ def check_rank(targets: Sequence[Target], algorithm: str, rank: int, node: str =
     raise ValueError(f"{node}: lora_rank — LoKr with lora_rank {rank} factors {len(bad)} layer(s) into a Kronecker "
                      f"product whose factors hold as many numbers as the weight itself: {_listing(bad)}. For LoKr "
                      "lora_rank is the Kronecker factor: pick one that divides the layer widths (e.g. 4, 8 or 16).")
+
+
+def _rank_unused(targets: Sequence[Target], algorithm: str, rank: int) -> list[str]:
+    """The weight layers on which ``rank`` does not mean what it says: a LoRA / LoHa rank above the layer's
+    smaller width (the extra rank adds nothing), a LoKr factor that ComfyUI's ``factorization`` does not take (it
+    picks another one)."""
+    out = []
+    for t in targets:
+        if t.kind != "weight":
+            continue
+        out_dim, in_dim = t.shape[0], math.prod(t.shape[1:])
+        if algorithm in ("LoRA", "LoHa") and rank > min(out_dim, in_dim):
+            out.append(f"{t.name} ({out_dim}x{in_dim})")
+        elif algorithm == "LoKr" and not all(d % rank == 0 and d >= rank * rank for d in (out_dim, in_dim)):
+            out.append(f"{t.name} ({out_dim}x{in_dim})")
+    return out
+
+
+def rank_warnings(targets: Sequence[Target], algorithm: str, rank: int) -> list[str]:
+    """A note when ``rank`` means nothing on some (not all: :func:`check_rank` refuses that) of the layers."""
+    useless = _rank_unused(targets, algorithm, rank)
+    if not useless:
+        return []
+    if algorithm == "LoKr":
+        return [f"lora_rank — LoKr factor {rank} does not fit {len(useless)} layer(s), which get another "
+                f"factorisation: {_listing(useless)}"]
+    return [f"lora_rank — {algorithm} rank {rank} is above the smaller width of {len(useless)} layer(s), where the "
+            f"extra rank trains nothing: {_listing(useless)}"]
 
 
 # ---------------------------------------------------------------------------------------------- the modules
@@ -167,6 +207,39 @@ class AdapterSwitch:
 
     def passive_memory_usage(self) -> int:
         return self.module.passive_memory_usage()
+
+
+ALGORITHM_OF_KIND = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
+
+
+def _module_rank(m: torch.nn.Module, kind: str):
+    """The number ``lora_rank`` stands for in a module of ``kind``: LoRA / LoHa the inner dimension, OFT the block
+    size, LoKr the first Kronecker factor's rows (the factor, where it divides the width)."""
+    if kind == "lora":
+        return int(m.lora_down.weight.shape[0])
+    if kind == "loha":
+        return int(m.hada_w1_b.shape[0])
+    if kind == "oft":
+        return int(m.oft_blocks.shape[-1])
+    if kind == "lokr":
+        w1 = getattr(m, "lokr_w1", None)
+        return int((w1 if w1 is not None else m.lokr_w1_a).shape[0])
+    return None
+
+
+def describe_modules(modules: Iterable[torch.nn.Module], kinds: Iterable[str]) -> dict:
+    """``{"algorithm", "rank", "alpha"}`` of what the modules hold (a list where they differ): what a file of them
+    holds, whatever was asked for."""
+    algos, ranks, alphas = [], [], []
+    for m, kind in zip(modules, kinds):
+        if kind in ("diff", "diff_b"):
+            continue
+        for seen, value in ((algos, ALGORITHM_OF_KIND.get(kind, kind)), (ranks, _module_rank(m, kind)),
+                            (alphas, float(m.alpha) if hasattr(m, "alpha") else None)):
+            if value not in seen:
+                seen.append(value)
+    one = lambda xs: xs[0] if len(xs) == 1 else (sorted(xs, key=str) if xs else None)  # noqa: E731
+    return {"algorithm": "+".join(algos) if algos else None, "rank": one(ranks), "alpha": one(alphas)}
 
 
 class ComfyAdapterSet(torch.nn.Module):
@@ -231,8 +304,48 @@ class ComfyAdapterSet(torch.nn.Module):
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def stored(self) -> dict:
+        """What the set's tensors are (:func:`describe_modules`): a continued file keeps its own algorithm and rank."""
+        return describe_modules(self.adapters, self.kinds)
+
     def extra_repr(self) -> str:
         return f"algorithm={self.algorithm}, rank={self.rank}, alpha={self.alpha:g}, tensors={len(self.targets)}"
+
+
+def describe_state(state: dict) -> dict:
+    """:func:`describe_modules` of a checkpoint's adapter state (``adapters.<i>.<parameter>`` keys), with the
+    number of adapted layers and of bias / norm deltas: what a resume compares with the run it is asked to be."""
+    params: dict[int, dict] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[0] == "adapters" and parts[1].isdigit():
+            params.setdefault(int(parts[1]), {})[".".join(parts[2:])] = value
+    algos, ranks, layers, deltas = [], [], 0, 0
+    for i in sorted(params):
+        p = params[i]
+        if "lora_down.weight" in p:
+            kind, rank = "LoRA", p["lora_down.weight"].shape[0]
+        elif "hada_w1_b" in p:
+            kind, rank = "LoHa", p["hada_w1_b"].shape[0]
+        elif "oft_blocks" in p:
+            kind, rank = "OFT", p["oft_blocks"].shape[-1]
+        elif "lokr_w1" in p or "lokr_w1_a" in p:
+            kind, rank = "LoKr", (p.get("lokr_w1") if p.get("lokr_w1") is not None else p["lokr_w1_a"]).shape[0]
+        else:
+            deltas += 1
+            continue
+        layers += 1
+        if kind not in algos:
+            algos.append(kind)
+        if int(rank) not in ranks:
+            ranks.append(int(rank))
+    return {"algorithm": "+".join(algos) or None, "rank": ranks[0] if len(ranks) == 1 else sorted(ranks),
+            "layers": layers, "bias_norm_deltas": deltas}
+
+
+def describe_set(adapter_set: "ComfyAdapterSet") -> dict:
+    """:func:`describe_state` of a set, from its own state (the same keys a checkpoint holds)."""
+    return describe_state(adapter_set.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------- continuing a file
@@ -244,6 +357,10 @@ class LoadedFile:
     kinds: dict
     metadata: dict
     ignored: list
+
+    def stored(self) -> dict:
+        keys = sorted(self.modules)
+        return describe_modules([self.modules[k] for k in keys], [self.kinds[k] for k in keys])
 
 
 def _neutral_alpha(adapter) -> float:
@@ -265,6 +382,32 @@ def load_lora_for_training(model_patcher, path: str, node: str = NODE, field: st
         return _load_for_training(model_patcher, path, node, field)
 
 
+def read_lora_file(path: str, node: str = NODE, field: str = "continue_lora") -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a LoRA file, or an error naming the node, the field, what is wrong with the file
+    and what to do: unreadable (not a safetensors file, cut short, corrupt) or empty."""
+    import comfy.utils
+    fname = os.path.basename(path)
+    fix = f"Pick another file, or set {field} to none to train a new LoRA."
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ValueError(f"{node}: {field} — {fname} cannot be read ({e.strerror}). {fix}") from None
+    if size < 8:
+        raise ValueError(f"{node}: {field} — {fname} is {size} bytes long: it is not a LoRA file (a safetensors "
+                         f"file starts with an 8-byte header length). {fix}")
+    try:
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as e:  # noqa: BLE001 - safetensors / torch raise their own types for a bad file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{node}: {field} — {fname} ({size} bytes) is not a readable LoRA file: "
+                         f"{type(e).__name__}: {first}. It may be cut short by a failed download or copy, or not be a "
+                         f"safetensors file at all. {fix}") from None
+    tensors = {k: v for k, v in (sd or {}).items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{node}: {field} — {fname} holds no tensors (an empty LoRA file). {fix}")
+    return tensors, dict(metadata or {})
+
+
 def _load_for_training(model_patcher, path: str, node: str, field: str) -> LoadedFile:
     """Read a LoRA file of any algorithm for this MODEL: its keys mapped to the model's weights with ComfyUI's own
     key map (``comfy.lora.model_lora_keys_unet``: ComfyUI, kohya and diffusers names), each module's adapter found
@@ -277,8 +420,7 @@ def _load_for_training(model_patcher, path: str, node: str, field: str) -> Loade
     wa, _ = _weight_adapter()
     fname = os.path.basename(path)
     family = type(model_patcher.model).__name__
-    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    metadata = dict(metadata or {})
+    sd, metadata = read_lora_file(path, node, field)
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
     prefixes = set()
     for k in sd:

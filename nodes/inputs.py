@@ -110,6 +110,8 @@ EXPERT_OPTIONS: tuple[Option, ...] = (
     _opt(io.String, "negative_prompt", "", "Negative prompt for true CFG (only used when cfg > 1).", multiline=True),
     _opt(io.Float, "flux_guidance", 3.5, "FLUX only: the distilled guidance value fed to FLUX.1-dev's guidance input "
          "(3.5 in the research code). Every other model ignores it.", min=0.0, max=100.0, step=0.1),
+    _opt(io.Int, "eval_every", 10, "Held-out evaluation (ODE samples of the Prompts node's held-out prompts, fixed "
+         "seeds) every N iterations; 0 = never. Unused when no prompt is held out.", min=0, max=1000000),
 )
 EXPERT = {o.name: o for o in EXPERT_OPTIONS}
 

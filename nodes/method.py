@@ -60,6 +60,9 @@ class MethodNode(io.ComfyNode):
             raise ValueError(f"{NODE}: method — {e}") from None
         if train_timesteps > 0:
             obj.train_timesteps = int(train_timesteps)
+        # what the user set on this node (not a config field): the Trainer, which sees the schedule, refuses an
+        # explicit train_timesteps the schedule cannot give, and only notes a default it trims
+        obj.requested = {"train_timesteps": int(train_timesteps)} if train_timesteps > 0 else {}
         if kl_beta >= 0:
             obj.kl_beta = float(kl_beta)
         try:

@@ -548,12 +548,12 @@ class RewardMixNode(io.ComfyNode):
             inputs.append(T.RewardModel.Input(
                 f"reward_{i}", optional=i > 1,
                 tooltip=f"Reward {i} (any REWARD_MODEL, also another mix)." + (" Optional." if i > 1 else "")))
-            inputs.append(io.Float.Input(
-                f"weight_{i}", default=1.0, min=-100.0, max=100.0, step=0.01,
+            inputs.append(io.Float.Input(  # optional (default 1): an API prompt names only the weights it uses
+                f"weight_{i}", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True,
                 tooltip=f"Weight of reward {i} (negative = penalise; 0 = ignore it and skip its forward pass). "
                         "Ignored when reward {i} is not connected.".replace("{i}", str(i))))
-        inputs.append(io.Combo.Input(
-            "aggregation", options=list(AGGREGATIONS), default="reward_sum",
+        inputs.append(io.Combo.Input(  # optional too, so the widgets keep their order (weights, then this)
+            "aggregation", options=list(AGGREGATIONS), default="reward_sum", optional=True,
             tooltip="reward_sum: one reward sum_k w_k r_k, then advantages. advantage_sum: advantages of each reward "
                     "separately (each on its own scale), summed with the weights (MixGRPO); use it when the rewards' "
                     "scales differ (PickScore ~20 vs HPS ~0.3)."))
@@ -575,7 +575,7 @@ class RewardMixNode(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, reward_1, weight_1, aggregation, **kwargs) -> io.NodeOutput:
+    def execute(cls, reward_1, weight_1=1.0, aggregation="reward_sum", **kwargs) -> io.NodeOutput:
         rewards, weights = [reward_1], [weight_1]
         for i in range(2, MAX_MIX + 1):
             r = kwargs.get(f"reward_{i}")

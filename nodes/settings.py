@@ -23,6 +23,36 @@ def _node_error(node: str, exc: Exception) -> ValueError:
     return ValueError(f"{node}: {exc}")
 
 
+SDE_MODES = {
+    "auto": "the window when sde_window_size > 0, else every step (graphs made before sde_mode)",
+    "everywhere": "every step is an SDE step (BranchGRPO, DanceGRPO, Flow-GRPO)",
+    "window": "only [sde_window_start, +sde_window_size) and the forks (BranchGRPO-Mix, MixGRPO)",
+    "forks only": "ODE except the split steps (the tree presets of DiffusionNFT / AWM / DGPO)",
+    "none": "ODE everywhere, no split steps (the flat DiffusionNFT / AWM / DGPO presets; ppo cannot train it)",
+}
+
+
+def sde_window_of(mode: str, size: int, start: int, has_splits: bool):
+    """``BranchSchedule.sde_window`` of a Branch Schedule's ``sde_mode`` and window inputs."""
+    if mode == "auto":
+        mode = "window" if size > 0 else "everywhere"
+    if mode == "everywhere":
+        return None
+    if mode == "window":
+        if size < 1:
+            raise ValueError("sde_window_size — sde_mode 'window' needs a window of at least 1 step; set "
+                             "sde_window_size, or pick sde_mode 'forks only' / 'none' for ODE steps.")
+        return (start, size)
+    if mode == "forks only":
+        return (0, 0)
+    if mode == "none":
+        if has_splits:
+            raise ValueError("sde_mode — 'none' samples every step with the ODE, but the split steps need SDE noise "
+                             "for their children to differ; pick 'forks only', or clear split_steps.")
+        return (0, 0)
+    raise ValueError(f"sde_mode — {mode!r} is not one of {', '.join(SDE_MODES)}.")
+
+
 class BranchScheduleNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -55,8 +85,11 @@ class BranchScheduleNode(io.ComfyNode):
                              "(1 for a tree; 12-24 with no splits gives the flat DanceGRPO/Flow-GRPO group)."),
                 io.Int.Input("sde_window_size", default=0, min=0, max=200, tooltip="Mix mode: if > 0, only steps "
                              "[window_start, window_start+size) and the split steps are stochastic; the rest are "
-                             "deterministic ODE steps and are never trained (much cheaper update). 0 = all SDE."),
+                             "deterministic ODE steps and are never trained (much cheaper update). 0 = all SDE "
+                             "(with sde_mode auto; sde_mode says it explicitly)."),
                 io.Int.Input("sde_window_start", default=0, min=0, max=199, tooltip="First step of the SDE window."),
+                io.Combo.Input("sde_mode", options=list(SDE_MODES), default="auto", optional=True,
+                               tooltip=" | ".join(f"{k}: {v}" for k, v in SDE_MODES.items())),
             ],
             outputs=[T.Schedule.Output(display_name="schedule", tooltip="The branching schedule.")],
         )
@@ -71,18 +104,21 @@ class BranchScheduleNode(io.ComfyNode):
         needed = ("steps", "split_steps", "branching", "split_noise_scale", "sde", "eta", "shift", "group_size",
                   "sde_window_size", "sde_window_start")
         if all(kwargs.get(k) is not None for k in needed):
-            cls.build(**{k: kwargs[k] for k in needed})
+            cls.build(**{k: kwargs[k] for k in needed}, sde_mode=kwargs.get("sde_mode") or "auto")
         return True
 
     @classmethod
     def execute(cls, steps, split_steps, branching, split_noise_scale, sde, eta, shift, group_size,
-                sde_window_size, sde_window_start) -> io.NodeOutput:
+                sde_window_size, sde_window_start, sde_mode="auto") -> io.NodeOutput:
         sch = cls.build(steps, split_steps, branching, split_noise_scale, sde, eta, shift, group_size,
-                        sde_window_size, sde_window_start)
+                        sde_window_size, sde_window_start, sde_mode)
+        sde_steps = sch.sde_steps()
+        mode = ("every step" if len(sde_steps) == sch.num_steps else
+                "ODE only" if not sde_steps else f"SDE at steps {','.join(map(str, sde_steps))}")
         d = sch.describe()
         text = (f"{d['leaves_per_prompt']} leaves, {d['rollout_nfe_per_prompt']} model evaluations and "
                 f"{d['edges_per_prompt']} edges per prompt; fork noise scale {sch.split_noise_scale:g}"
-                + (" (auto)" if not split_noise_scale else ""))
+                + (" (auto)" if not split_noise_scale else "") + f"; {mode}")
         warning = residual_noise_warning(sch)
         if warning:
             log.warning("Branch Schedule: %s", warning)
@@ -91,7 +127,7 @@ class BranchScheduleNode(io.ComfyNode):
 
     @staticmethod
     def build(steps, split_steps, branching, split_noise_scale, sde, eta, shift, group_size,
-              sde_window_size, sde_window_start) -> BranchSchedule:
+              sde_window_size, sde_window_start, sde_mode="auto") -> BranchSchedule:
         node = "Branch Schedule"
         try:
             splits = parse_steps(split_steps, "split_steps")
@@ -102,7 +138,8 @@ class BranchScheduleNode(io.ComfyNode):
             sch = BranchSchedule(num_steps=steps, split_steps=splits, branching=ks[0] if len(ks) == 1 else ks,
                                  split_noise_scale=scale, sde=sde, eta=eta, shift=shift,
                                  group_size=group_size,
-                                 sde_window=(sde_window_start, sde_window_size) if sde_window_size > 0 else None)
+                                 sde_window=sde_window_of(sde_mode or "auto", sde_window_size, sde_window_start,
+                                                          bool(splits)))
             sch.validate(node)
         except ValueError as e:
             raise e if str(e).startswith(node) else _node_error(node, e)

@@ -1,6 +1,7 @@
 """The Trainer node: BranchGRPO fine-tuning of a LoRA inside a ComfyUI graph."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import comfy.utils
 import folder_paths
 from branchgrpo.advantage import AdvantageConfig
 from branchgrpo.loss import OptimConfig
-from branchgrpo.objectives import ObjectiveConfig
+from branchgrpo.objectives import ObjectiveConfig, timestep_candidates
 from branchgrpo.lora import LoRAConfig, select_linear
 from branchgrpo.pruning import PruningConfig
 from branchgrpo.rewards.base import Reward
@@ -36,7 +37,6 @@ log = logging.getLogger("BranchGRPO")
 NODE = "BranchGRPO Trainer"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROGRESS_UNITS = 100  # progress-bar units per iteration: half rollout, half update
-EVAL_EVERY = 10  # held-out ODE evaluation every N iterations when the Prompts node holds prompts out
 
 
 class LoraStateDict(dict):
@@ -195,10 +195,54 @@ class TrainerNode(io.ComfyNode):
                 lora_rank, lora_alpha, seed, schedule=None, advantage=None, pruning=None, settings=None,
                 run_name=inputs.RUN_NAME.default, resume=inputs.RESUME.default, method=None,
                 algorithm=inputs.ALGORITHM.default, continue_lora=inputs.CONTINUE_LORA.default) -> io.NodeOutput:
+        hidden = cls.hidden
+        request = RunRequest.check(
+            model, prompts, reward, latent, node_id=hidden.unique_id if hidden is not None else None,
+            prompt=hidden.prompt if hidden is not None else None, iterations=iterations,
+            prompts_per_iteration=prompts_per_iteration, learning_rate=learning_rate, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, seed=seed, schedule=schedule, advantage=advantage, pruning=pruning,
+            settings=settings, run_name=run_name, resume=resume, method=method, algorithm=algorithm,
+            continue_lora=continue_lora)
+        plan = plan_run(request, model, clip, vae, reward)
+        for note in request.notes:
+            log.warning("BranchGRPO %s: %s", request.run_name, note)
+        trained = train_session(request, plan, model, clip, vae)
+        return outputs(request, plan, trained, model)
+
+
+@dataclasses.dataclass
+class RunRequest:
+    """Everything the Trainer's inputs ask for, checked without compute (:meth:`check`)."""
+    node_id: object
+    run_name: str
+    resume: bool
+    iterations: int
+    seed: int
+    settings: inputs.TrainerSettings
+    prompts: list
+    eval_prompts: list
+    rewards: list
+    latent_shape: tuple
+    config: TrainerConfig
+    lora_cfg: LoRAConfig
+    algorithm: str
+    train_bias_norm: bool
+    checkpointing: bool
+    continue_lora: str | None = None
+    existing: object = None  # the continued file (nodes.adapters.LoadedFile)
+    continued_from: int = 0
+    notes: list = dataclasses.field(default_factory=list)  # warnings for the log and the node's text
+
+    @property
+    def checkpoint(self) -> str:
+        return os.path.join(checkpoint_dir(self.run_name), "checkpoint.pt")
+
+    @classmethod
+    def check(cls, model, prompts, reward, latent, *, node_id, prompt, iterations, prompts_per_iteration,
+              learning_rate, lora_rank, lora_alpha, seed, schedule, advantage, pruning, settings, run_name, resume,
+              method, algorithm, continue_lora) -> "RunRequest":
         s = inputs.TrainerSettings.of(settings)
-        # ---------------------------------------------------------- validation (before any compute)
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        check_lora_savers(cls.hidden.prompt if cls.hidden is not None else None, node_id)
+        notes = check_lora_savers(prompt, node_id)
         require_flow_model(model, NODE)
         if not isinstance(prompts, dict) or not prompts.get("train"):
             raise ValueError(f"{NODE}: prompts — the prompt list is empty; connect a Prompts node with at least "
@@ -208,139 +252,239 @@ class TrainerNode(io.ComfyNode):
             raise ValueError(run_name_error(run_name))
         # An empty latent is shaped for the model as the KSampler does it (channels of an all-zero latent,
         # a frame axis for video-shaped models such as Qwen-Image).
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        latent_shape = tuple(samples.shape[1:])
+        latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape[1:])
         channels = model.model.latent_format.latent_channels
         if latent_shape[0] != channels:
             raise ValueError(f"{NODE}: latent — it has {latent_shape[0]} channels but this {model_family(model)} "
                              f"model needs {channels}; use the empty-latent node that matches the model.")
-        schedule = schedule or BranchSchedule()
-        targets = tuple(t.strip() for t in s.lora_targets.split(",") if t.strip()) or ("*",)
         config = TrainerConfig(
-            schedule=schedule, advantage=advantage or AdvantageConfig(), pruning=pruning or PruningConfig(),
-            objective=method or ObjectiveConfig(),
+            schedule=schedule or BranchSchedule(), advantage=advantage or AdvantageConfig(),
+            pruning=pruning or PruningConfig(), objective=method or ObjectiveConfig(),
             optim=OptimConfig(learning_rate=learning_rate, clip_range=s.clip_range, kl_beta=s.kl_beta,
                               edges_per_step=s.edges_per_step, max_grad_norm=s.max_grad_norm,
                               max_train_batch=s.max_train_batch),
             iterations=iterations, prompts_per_iteration=prompts_per_iteration, seed=seed, max_batch=s.max_batch,
             reward_weights=tuple(weights), checkpoint_every=1,
-            eval_every=int(s.get("eval_every", EVAL_EVERY)) if prompts.get("eval") else 0)
+            eval_every=int(s.eval_every) if prompts.get("eval") else 0)
         config.advantage.aggregation = aggregation
         try:
             config.validate(NODE)
         except ValueError as e:
             raise ValueError(str(e)) from None
+        notes += schedule_notes(config, len(prompts["train"]))
+        targets = tuple(t.strip() for t in s.lora_targets.split(",") if t.strip()) or ("*",)
         lora_cfg = LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=targets)
         try:
             lora_cfg.validate()
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from None
-        big = model.model_size() > 2 ** 30
-        use_gc = s.gradient_checkpointing == "on" or (s.gradient_checkpointing == "auto" and big)
-        bias_norm = bool(s.get("train_bias_norm", False))
+        bias_norm = bool(s.train_bias_norm)
         count_lora_params(model, lora_cfg)  # refuses targets that match no layer
-        adapter_sets.check_rank(adapter_sets.plan_targets(model.model.diffusion_model, lora_cfg), algorithm,
-                                lora_rank, NODE)
+        planned = adapter_sets.plan_targets(model.model.diffusion_model, lora_cfg)
+        adapter_sets.check_rank(planned, algorithm, lora_rank, NODE)
         existing, continued_from = None, 0
         if continue_lora and continue_lora != "none":
-            path = folder_paths.get_full_path("loras", continue_lora)
-            if path is None:
-                raise ValueError(f"{NODE}: continue_lora — {continue_lora!r} is not a file in "
-                                 f"{', '.join(folder_paths.get_folder_paths('loras'))}; pick one of the list (refresh "
-                                 "the page after adding files) or 'none'.")
-            existing = adapter_sets.load_lora_for_training(model, path, NODE)
-            continued_from = _file_iterations(existing.metadata)
-            if continued_from >= iterations:
-                raise ValueError(f"{NODE}: iterations — {continue_lora} was trained for {continued_from} iterations "
-                                 f"and a continued run counts on from there ('iterations' is the total); set "
-                                 f"iterations above {continued_from}.")
-        device = model.load_device
-        budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
-                  else comfy.model_management.get_total_memory(device))
-        memory = memory_policy.plan(budget=budget, weights=model.model_size(), latent_shape=latent_shape,
-                                    max_batch=s.max_batch, vae=vae, reward=reward,
-                                    base_weights=s.get("base_weights", "auto"),
-                                    release_models=s.get("release_models", "auto"))
-        eval_count = len(prompts.get("eval") or []) if config.eval_every else 0
-        try:
-            run_memory = predict_run_memory(
-                model, latent_shape, config, lora_cfg, checkpointing=use_gc,
-                num_prompts=len(prompts["train"]) + eval_count, guidance=s.flux_guidance, vae=vae, rewards=rewards,
-                decode_batch=memory.decode_batch, weights_dtype=memory_policy.FP8.get(memory.base_weights),
-                conditioning=encode_prompt(clip, prompts["train"][0], s.flux_guidance), algorithm=algorithm,
-                train_bias_norm=bias_norm, existing=existing)
-        except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
-            log.warning("BranchGRPO %s: the memory prediction is unavailable for this %s model (%s: %s); the run "
-                        "is not checked against the budget.", run_name, model_family(model), type(e).__name__, e)
-            run_memory = None
-        if run_memory is not None and run_memory.peak > budget:
-            raise ValueError(memory_probe.budget_message(NODE, run_memory, int(budget)))
-        mem = run_memory.to_dict() if run_memory is not None else {}
-        ckpt = os.path.join(checkpoint_dir(run_name), "checkpoint.pt")
-        predicted = run_memory.summary() if run_memory is not None else f"unavailable for {model_family(model)}"
-        info = (f"predicted memory: {predicted}; gradient checkpointing {'on' if use_gc else 'off'}; "
-                f"{memory.describe()}")
-        log.info("BranchGRPO %s: %s", run_name, info)
+            existing, continued_from = read_continue_lora(model, continue_lora, iterations)
+            notes += overridden_inputs(existing, continue_lora, algorithm, lora_rank, lora_alpha)
+        else:
+            notes += adapter_sets.rank_warnings(planned, algorithm, lora_rank)
+        use_gc = s.gradient_checkpointing == "on" or (s.gradient_checkpointing == "auto"
+                                                      and model.model_size() > 2 ** 30)
+        return cls(node_id=node_id, run_name=run_name, resume=bool(resume), iterations=iterations, seed=seed,
+                   settings=s, prompts=list(prompts["train"]),
+                   eval_prompts=list(prompts.get("eval") or []) if config.eval_every else [], rewards=rewards,
+                   latent_shape=latent_shape, config=config, lora_cfg=lora_cfg, algorithm=algorithm,
+                   train_bias_norm=bias_norm, checkpointing=use_gc,
+                   continue_lora=continue_lora if existing is not None else None, existing=existing,
+                   continued_from=continued_from, notes=notes)
 
-        state = read_resumable_checkpoint(ckpt, config, iterations) if resume and os.path.exists(ckpt) else None
 
-        # ---------------------------------------------------------- training
-        with torch.inference_mode(False), torch.enable_grad():
-            base = (model if memory.base_weights not in memory_policy.FP8
-                    else memory_policy.with_base_dtype(model, memory_policy.FP8[memory.base_weights]))
-            mp, lora = attach_lora(base, lora_cfg, seed=seed, device=device, algorithm=algorithm,
-                                   train_bias_norm=bias_norm, existing=existing)
-            flow = ComfyFlowModel(mp, latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
-                                  guidance=s.flux_guidance, seed=seed)
-            eval_prompts = list(prompts.get("eval") or []) if config.eval_every else []
-            flow.add_prompts(prompts["train"] + eval_prompts)  # encoded once, kept for the whole run
-            if memory.release_text_encoders:
-                memory_policy.release(memory_policy.patchers_of(clip))
+def schedule_notes(config: TrainerConfig, num_prompts: int) -> list[str]:
+    """Refuse what the schedule and method cannot mean together; notes for what is legal but likely not meant."""
+    notes = []
+    obj, sch = config.objective, config.schedule
+    if obj.forward_process:
+        avail = timestep_candidates(sch, obj)
+        asked = (getattr(obj, "requested", None) or {}).get("train_timesteps")
+        if asked and asked > len(avail):
+            raise ValueError(f"Method (BranchGRPO): train_timesteps — {asked}, but {obj.name} draws its timesteps "
+                             f"from steps {avail.start}..{avail.stop - 1} of the {sch.num_steps}-step schedule, "
+                             f"{len(avail)} in all; set at most {len(avail)}, or 0 for the method's default.")
+        if obj.train_timesteps > len(avail):
+            notes.append(f"Method: {obj.name} trains {len(avail)} timesteps per image, not its default "
+                         f"{obj.train_timesteps}: the {sch.num_steps}-step schedule offers no more")
+        if sch.sde_window is None:
+            notes.append(f"Method: {obj.name} samples with SDE at every step here, while its paper samples ODE "
+                         "(flat) or ODE except the forks (tree); set the Branch Schedule's sde_mode to 'none' or "
+                         "'forks only' to train as the presets do")
+    if config.prompts_per_iteration > num_prompts:
+        per = config.prompts_per_iteration / num_prompts
+        notes.append(f"prompts_per_iteration — {config.prompts_per_iteration} trees per iteration from "
+                     f"{num_prompts} prompt(s): each prompt is sampled about {per:.3g} times per iteration (time "
+                     "grows with it); set it to at most the number of prompts unless that is meant")
+    return notes
 
-            def decode(x0):
-                return vae.decode(flow.to_vae_latent(x0.to(vae.device if hasattr(vae, "device") else x0.device)))
 
-            trainer = BranchGRPOTrainer(flow, lora, prompts["train"], rewards, decode, config, latent_shape,
-                                        device=device, callbacks=[], eval_prompts=eval_prompts)
-            resumed_from = 0
-            trainer.iteration = continued_from  # seeds and prompt order go on from the file's run
-            if state is not None:
-                try:
-                    trainer.load_state_dict(state)
-                except RuntimeError as e:  # adapter tensors of another shape: other rank or layers
-                    raise ValueError(f"{NODE}: resume — the checkpoint in {os.path.dirname(ckpt)} holds an adapter of "
-                                     "another algorithm, rank or other layers (algorithm / lora_rank / lora_targets / "
-                                     "train_bias_norm / continue_lora differ); restore them, set resume off, or pick a "
-                                     f"new run_name. ({str(e).splitlines()[0]})") from None
-                resumed_from = trainer.iteration
-            progress = ComfyProgress(node_id, run_name, trainer.iteration, iterations, decode=decode)
-            trainer.callbacks.append(progress)
-            trainer.decode_batch, trainer.reward_batch = memory.decode_batch, memory.reward_batch
-            if memory.release_after_phase:
-                trainer.callbacks.append(memory_policy.ReleaseAfterPhase(vae, rewards))
-            with flow.session(s.max_batch), checkpointing_blocks(mp, use_gc):
-                trainer.train(checkpoint_path=ckpt)
-            for p in lora.parameters():
-                p.requires_grad_(False)
-            lora_sd = LoraStateDict(lora.comfy_state_dict())
-        lora_sd.metadata = {
-            "branchgrpo.method": "BranchGRPO", "branchgrpo.config": json.dumps(config.to_dict()),
-            "branchgrpo.base_model": model_family(model), "branchgrpo.iterations": str(trainer.iteration),
-            "branchgrpo.lora": json.dumps({"algorithm": algorithm, "rank": lora_rank, "alpha": lora_alpha,
-                                           "targets": list(targets), "train_bias_norm": bias_norm,
-                                           "continued_from": continue_lora if existing is not None else None}),
-            "branchgrpo.reward": ",".join(getattr(r, "name", type(r).__name__) for r in rewards),
-            "branchgrpo.run_name": run_name, "branchgrpo.latent_shape": json.dumps(list(latent_shape)),
-        }
-        out_model, _ = comfy.sd.load_lora_for_models(model, None, dict(lora_sd), 1.0, 0)
-        metrics = {"run_name": run_name, "history": trainer.history, "checkpoint": ckpt,
-                   "resumed_from": resumed_from, "memory_estimate": mem}
-        last = trainer.history[-1] if trainer.history else {}
-        start = f"resumed from {resumed_from}" if state is not None or existing is None else \
-            f"continued from {continue_lora} at {continued_from}"
-        text = (f"{trainer.iteration}/{iterations} iterations ({start}); "
-                f"reward {last.get('reward_mean', float('nan')):.4f}; {info}")
-        return io.NodeOutput(out_model, lora_sd, metrics, ui={"text": [text]})
+def read_continue_lora(model, continue_lora: str, iterations: int):
+    """The file to continue, turned into training modules, and the iterations it was trained for."""
+    path = folder_paths.get_full_path("loras", continue_lora)
+    if path is None:
+        raise ValueError(f"{NODE}: continue_lora — {continue_lora!r} is not a file in "
+                         f"{', '.join(folder_paths.get_folder_paths('loras'))}; pick one of the list (refresh "
+                         "the page after adding files) or 'none'.")
+    existing = adapter_sets.load_lora_for_training(model, path, NODE)
+    done = _file_iterations(existing.metadata)
+    if done >= iterations:
+        raise ValueError(f"{NODE}: iterations — {continue_lora} was trained for {done} iterations and a continued run "
+                         f"counts on from there ('iterations' is the total); set iterations above {done}.")
+    return existing, done
+
+
+def overridden_inputs(existing, continue_lora: str, algorithm: str, rank: int, alpha: float) -> list[str]:
+    """Which of the Trainer's adapter inputs the continued file overrides on its layers."""
+    stored = existing.stored()
+    asked = {"algorithm": algorithm, "rank": rank, "alpha": float(alpha)}
+    names = {"algorithm": "algorithm", "rank": "lora_rank", "alpha": "lora_alpha"}
+    diff = [f"{names[k]} {asked[k]!r} (the file's: {stored[k]!r})" for k in asked
+            if stored.get(k) is not None and stored[k] != asked[k]]
+    if not diff:
+        return []
+    return [f"continue_lora — {continue_lora} keeps its own adapters, so these inputs are not used on its layers: "
+            f"{'; '.join(diff)}; layers the file does not cover get fresh {algorithm} rank {rank}"]
+
+
+def plan_run(request: RunRequest, model, clip, vae, reward) -> "RunPlan":
+    """The memory policy and the run's predicted peak; a run over the budget is refused before compute."""
+    s = request.settings
+    budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
+              else comfy.model_management.get_total_memory(model.load_device))
+    memory = memory_policy.plan(budget=budget, weights=model.model_size(), latent_shape=request.latent_shape,
+                                max_batch=s.max_batch, vae=vae, reward=reward, base_weights=s.base_weights,
+                                release_models=s.release_models)
+    try:
+        run_memory = predict_run_memory(
+            model, request.latent_shape, request.config, request.lora_cfg, checkpointing=request.checkpointing,
+            num_prompts=len(request.prompts) + len(request.eval_prompts), guidance=s.flux_guidance, vae=vae,
+            rewards=request.rewards, decode_batch=memory.decode_batch,
+            weights_dtype=memory_policy.FP8.get(memory.base_weights),
+            conditioning=encode_prompt(clip, request.prompts[0], s.flux_guidance), algorithm=request.algorithm,
+            train_bias_norm=request.train_bias_norm, existing=request.existing)
+    except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
+        log.warning("BranchGRPO %s: the memory prediction is unavailable for this %s model (%s: %s); the run "
+                    "is not checked against the budget.", request.run_name, model_family(model), type(e).__name__, e)
+        run_memory = None
+    if run_memory is not None and run_memory.peak > budget:
+        raise ValueError(memory_probe.budget_message(NODE, run_memory, int(budget)))
+    predicted = run_memory.summary() if run_memory is not None else f"unavailable for {model_family(model)}"
+    info = (f"predicted memory: {predicted}; gradient checkpointing {'on' if request.checkpointing else 'off'}; "
+            f"{memory.describe()}")
+    log.info("BranchGRPO %s: %s", request.run_name, info)
+    state = (read_resumable_checkpoint(request.checkpoint, request.config, request.iterations)
+             if request.resume and os.path.exists(request.checkpoint) else None)
+    return RunPlan(memory, run_memory, info, state)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    memory: object  # nodes.memory_policy.MemoryPlan
+    run_memory: object  # the prediction (None where the probe cannot trace the model)
+    info: str
+    state: dict | None  # the checkpoint to resume
+
+
+@dataclasses.dataclass
+class Trained:
+    trainer: BranchGRPOTrainer
+    lora: object  # the adapter set
+    lora_sd: "LoraStateDict"
+    resumed_from: int | None
+
+
+def train_session(request: RunRequest, plan: RunPlan, model, clip, vae) -> Trained:
+    """Attach the adapter, encode the prompts, train with progress on the node; the adapter's state at the end."""
+    s, memory, ckpt = request.settings, plan.memory, request.checkpoint
+    with torch.inference_mode(False), torch.enable_grad():
+        base = (model if memory.base_weights not in memory_policy.FP8
+                else memory_policy.with_base_dtype(model, memory_policy.FP8[memory.base_weights]))
+        mp, lora = attach_lora(base, request.lora_cfg, seed=request.seed, device=model.load_device,
+                               algorithm=request.algorithm, train_bias_norm=request.train_bias_norm,
+                               existing=request.existing)
+        flow = ComfyFlowModel(mp, request.latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
+                              guidance=s.flux_guidance, seed=request.seed)
+        flow.add_prompts(request.prompts + request.eval_prompts)  # encoded once, kept for the whole run
+        if memory.release_text_encoders:
+            memory_policy.release(memory_policy.patchers_of(clip))
+
+        def decode(x0):
+            return vae.decode(flow.to_vae_latent(x0.to(vae.device if hasattr(vae, "device") else x0.device)))
+
+        trainer = BranchGRPOTrainer(flow, lora, request.prompts, request.rewards, decode, request.config,
+                                    request.latent_shape, device=model.load_device, callbacks=[],
+                                    eval_prompts=request.eval_prompts)
+        trainer.iteration = request.continued_from  # seeds and prompt order go on from the file's run
+        resumed_from = None
+        if plan.state is not None:
+            try:
+                trainer.load_state_dict(plan.state)
+            except RuntimeError as e:  # adapter tensors of another shape: other algorithm, rank or layers
+                raise ValueError(resume_mismatch(plan.state.get("adapter") or {}, lora, ckpt, e)) from None
+            resumed_from = trainer.iteration
+        elif os.path.exists(ckpt):  # resume off (or a checkpoint of no use): the old one is kept aside
+            aside = os.path.join(os.path.dirname(ckpt), "checkpoint.previous.pt")
+            os.replace(ckpt, aside)
+            request.notes.append(f"resume is off: the run's earlier checkpoint was moved to {aside} (replacing an "
+                                 "older one there) and this run starts fresh")
+            log.warning("BranchGRPO %s: %s", request.run_name, request.notes[-1])
+        trainer.callbacks.append(ComfyProgress(request.node_id, request.run_name, trainer.iteration,
+                                               request.iterations, decode=decode))
+        trainer.decode_batch, trainer.reward_batch = memory.decode_batch, memory.reward_batch
+        if memory.release_after_phase:
+            trainer.callbacks.append(memory_policy.ReleaseAfterPhase(vae, request.rewards))
+        with flow.session(s.max_batch), checkpointing_blocks(mp, request.checkpointing):
+            trainer.train(checkpoint_path=ckpt)
+        for p in lora.parameters():
+            p.requires_grad_(False)
+        return Trained(trainer, lora, LoraStateDict(lora.comfy_state_dict()), resumed_from)
+
+
+def resume_mismatch(saved_adapter: dict, lora, ckpt: str, error: Exception) -> str:
+    """The resume refusal when the checkpoint's adapter is not the one this run builds: which of algorithm,
+    rank, layers, bias/norm deltas differ, with both values."""
+    saved, now = adapter_sets.describe_state(saved_adapter), adapter_sets.describe_set(lora)
+    names = {"algorithm": "algorithm", "rank": "lora_rank", "layers": "adapted layers (lora_targets)",
+             "bias_norm_deltas": "bias/norm deltas (train_bias_norm)"}
+    diff = "; ".join(f"{names[k]}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in names if saved[k] != now[k])
+    diff = diff or f"the same algorithm, rank and layers, but tensors of other shapes ({str(error).splitlines()[0]})"
+    return (f"{NODE}: resume — the checkpoint in {os.path.dirname(ckpt)} holds another adapter: {diff}. Restore "
+            "them (or continue_lora, which decides the adapter of the layers it covers), set resume off, or pick a "
+            "new run_name.")
+
+
+def outputs(request: RunRequest, plan: RunPlan, trained: Trained, model) -> io.NodeOutput:
+    """The LoRA (metadata describing its tensors), the MODEL with it applied, the metrics and the node's text."""
+    trainer, lora_sd, cfg = trained.trainer, trained.lora_sd, request.lora_cfg
+    stored = trained.lora.stored()
+    lora_sd.metadata = {
+        "branchgrpo.method": "BranchGRPO", "branchgrpo.config": json.dumps(request.config.to_dict()),
+        "branchgrpo.base_model": model_family(model), "branchgrpo.iterations": str(trainer.iteration),
+        "branchgrpo.lora": json.dumps({**stored, "targets": list(cfg.targets),
+                                       "train_bias_norm": request.train_bias_norm,
+                                       "continued_from": request.continue_lora}),
+        "branchgrpo.reward": ",".join(getattr(r, "name", type(r).__name__) for r in request.rewards),
+        "branchgrpo.run_name": request.run_name, "branchgrpo.latent_shape": json.dumps(list(request.latent_shape)),
+    }
+    out_model, _ = comfy.sd.load_lora_for_models(model, None, dict(lora_sd), 1.0, 0)
+    metrics = {"run_name": request.run_name, "history": trainer.history, "checkpoint": request.checkpoint,
+               "resumed_from": trained.resumed_from or 0,
+               "memory_estimate": plan.run_memory.to_dict() if plan.run_memory is not None else {}}
+    last = trainer.history[-1] if trainer.history else {}
+    start = (f"resumed from {trained.resumed_from}" if trained.resumed_from is not None else
+             f"continued from {request.continue_lora} at {request.continued_from}" if request.existing is not None
+             else "started fresh")
+    text = (f"{trainer.iteration}/{request.iterations} iterations ({start}); "
+            f"reward {last.get('reward_mean', float('nan')):.4f}; {plan.info}"
+            + "".join(f"\nWARNING: {n}" for n in request.notes))
+    return io.NodeOutput(out_model, lora_sd, metrics, ui={"text": [text]})
 
 
 def _file_iterations(metadata: dict) -> int:
@@ -359,14 +503,18 @@ def run_name_error(run_name) -> str:
 SAVE_LORA = "BranchGRPOSaveLoRA"
 
 
-def check_lora_savers(prompt, node_id) -> None:
+def check_lora_savers(prompt, node_id) -> list[str]:
     """Refuse to train when a Save LoRA fed by this Trainer has a file name it would refuse after the run.
 
     ComfyUI still runs the outputs that validated (the Metrics Plot, images), and they pull the Trainer;
-    without this check a run of hours would end with no LoRA saved."""
+    without this check a run of hours would end with no LoRA saved. A name that comes through a link is
+    followed to its value where that is known before execution (:mod:`nodes.graph_values`); the names that
+    cannot be known are returned as notes for the Trainer's log and text."""
     if not isinstance(prompt, dict) or node_id is None:
-        return
+        return []
+    from .graph_values import UNKNOWN, known_value, source_name
     from .lora_io import resolve_lora_path
+    notes = []
     for nid, node in prompt.items():
         if not isinstance(node, dict) or node.get("class_type") != SAVE_LORA:
             continue
@@ -374,12 +522,19 @@ def check_lora_savers(prompt, node_id) -> None:
         source, filename = ins.get("lora"), ins.get("filename")
         if not (isinstance(source, list) and len(source) == 2 and str(source[0]) == str(node_id)):
             continue
-        if isinstance(filename, str):
+        value = known_value(prompt, filename)
+        if value is UNKNOWN:
+            notes.append(f"Save LoRA (node {nid}) gets its file name from {source_name(prompt, filename)}, which "
+                         "is known only when it runs: the name is checked after training")
+            continue
+        if isinstance(value, str):
             try:
-                resolve_lora_path(filename)
+                resolve_lora_path(value)
             except ValueError as e:
-                raise ValueError(f"{NODE}: not started, because Save LoRA (node {nid}) would refuse its file name "
-                                 f"after training: {e} Fix the name and queue again.") from None
+                via = "" if value is filename else f" (from {source_name(prompt, filename)})"
+                raise ValueError(f"{NODE}: not started, because Save LoRA (node {nid}) would refuse its file name"
+                                 f"{via} after training: {e} Fix the name and queue again.") from None
+    return notes
 
 
 SECTION_NODES = {"schedule": "Branch Schedule", "advantage": "Tree Advantage", "pruning": "Pruning",

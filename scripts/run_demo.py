@@ -61,7 +61,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """The API prompt (``{node_id: {"class_type", "inputs", "_meta"}}``) of a UI-format workflow.
 
     Widget values are matched to input names in the order of ``object_info[type]["input_order"]`` (required
-    then optional), skipping the extra "control after generate" value the frontend stores after a seed; links
+    then optional), skipping the extra "control after generate" value the frontend stores after a seed (an optional
+    widget the workflow has no value for, newer than the file, is left to the server's default); links
     become ``[origin_id, origin_slot]`` (through Reroute nodes). Note/Markdown notes are dropped; muted nodes
     (mode 2) are dropped; bypassed nodes (mode 4) are not supported (an error says so)."""
     if not isinstance(workflow.get("nodes"), list) or "links" not in workflow:
@@ -110,6 +111,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if spec is None or not _is_widget(spec):
                 continue
             if pos >= len(values):
+                if name in (order.get("optional") or []):
+                    continue  # an optional widget newer than the saved workflow: the server's default, as the UI
                 raise ConversionError(f"node {nid} ({ntype}): no saved value for widget {name!r}; re-save the "
                                       "workflow in this ComfyUI")
             inputs[name] = values[pos]

@@ -20,7 +20,7 @@ PACK_NODES = {"BranchGRPOBranchSchedule", "BranchGRPOTreeAdvantage", "BranchGRPO
 # The Trainer Settings node's inputs (nodes/inputs.py EXPERT_OPTIONS; checked against /object_info below).
 EXPERT_INPUTS = ("lora_targets", "clip_range", "kl_beta", "edges_per_step", "max_grad_norm", "max_batch",
                  "max_train_batch", "gradient_checkpointing", "memory_budget_gb", "base_weights", "release_models",
-                 "cfg", "negative_prompt", "flux_guidance")
+                 "cfg", "negative_prompt", "flux_guidance", "eval_every")
 
 
 def split_settings(graph: dict) -> dict:
