@@ -33,8 +33,8 @@ class MethodNode(io.ComfyNode):
             description="What the Trainer trains on each rollout. 'ppo' is BranchGRPO's update on the tree's "
                         "stochastic edges. The forward-process methods (diffusionnft, awm, dgpo) train on the "
                         "leaves' clean images with a flow-matching loss, so they need no SDE log-probability: pair "
-                        "them with a Branch Schedule whose steps are ODE except the forks (the tree) or ODE "
-                        "everywhere (a flat group: no split steps, group_size 16). Defaults are each method's "
+                        "them with a Branch Schedule whose sde_mode is 'forks only' (the tree) or 'none' (a flat "
+                        "group: no split steps, group_size 16); the Trainer notes an all-SDE schedule on its node. Defaults are each method's "
                         "official ones (docs/methods.md).",
             inputs=[
                 io.Combo.Input("method", options=list(METHOD_HELP), default="ppo",
