@@ -34,7 +34,7 @@ from typing import Callable
 
 from .advantage import AdvantageConfig
 from .loss import OptimConfig
-from .objectives import ObjectiveConfig
+from .objectives import METHODS as OBJECTIVE_MODULES, ObjectiveConfig, awm, dgpo, nft
 from .pruning import PruningConfig
 from .schedule import BranchSchedule
 from .trainer import TrainerConfig
@@ -105,27 +105,7 @@ def _flowgrpo_fast() -> TrainerConfig:
     return cfg
 
 
-def _nft() -> ObjectiveConfig:
-    # config/nft.py: beta 1.0, decay_type 1 (min(0.001 n, 0.5)), train.beta (KL) 1e-4, 9 of 10 steps
-    return ObjectiveConfig(name="diffusionnft", train_timesteps=9, timestep_fraction=0.99, nft_beta=1.0,
-                           kl_beta=1e-4, old_decay_rate=0.001, old_decay_max=0.5, sample_with_old_after=0)
-
-
-def _awm() -> ObjectiveConfig:
-    # config/dgx_awm.py (geneval, no CFG): 6 stratified timesteps of steps [1, 0.9 N), ghuber 0.25,
-    # clip 1, advantage max 1, KL 1e-3, EMA-KL 1 with decay min(0.001 n, 0.3)
-    return ObjectiveConfig(name="awm", train_timesteps=6, first_step=1, timestep_fraction=0.9,
-                           timestep_sampling="stratified", awm_weighting="ghuber", ghuber_power=0.25,
-                           awm_adv_max=1.0, awm_clip_range=1.0, kl_beta=1e-3, old_kl_beta=1.0,
-                           old_decay_rate=0.001, old_decay_max=0.3)
-
-
-def _dgpo() -> ObjectiveConfig:
-    # config/dgpo_wocfg.py (geneval): 4 of the steps 0..4 of 10, shared noise per group, beta_dpo 100,
-    # clip_dsm 1e-3 against the EMA (decay min(0.001 n, 0.3)), KL 0.02, EMA sampling after 500 steps
-    return ObjectiveConfig(name="dgpo", train_timesteps=4, timestep_fraction=0.5, shared_noise=True,
-                           dpo_beta=100.0, dgpo_clip_range=1e-3, kl_beta=0.02, old_decay_rate=0.001,
-                           old_decay_max=0.3, sample_with_old_after=500)
+_nft, _awm, _dgpo = nft.defaults, awm.defaults, dgpo.defaults
 
 
 def _flat_forward(objective: Callable[[], ObjectiveConfig], num_steps: int, global_std: bool = False
@@ -174,12 +154,7 @@ PRESETS: dict[str, Callable[[], TrainerConfig]] = {
 }
 
 
-METHODS: dict[str, Callable[[], ObjectiveConfig]] = {
-    "ppo": ObjectiveConfig,
-    "diffusionnft": _nft,
-    "awm": _awm,
-    "dgpo": _dgpo,
-}
+METHODS: dict[str, Callable[[], ObjectiveConfig]] = {name: m.defaults for name, m in OBJECTIVE_MODULES.items()}
 """Each objective with its official defaults (what the presets above use)."""
 
 
