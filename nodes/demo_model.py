@@ -37,6 +37,7 @@ import comfy.supported_models_base
 
 from branchgrpo.models.toy_dit import CLASS_NAMES, ToyDiT, ToyDiTConfig
 from . import types as T
+from .shims import TextEncoderShim, VAEShim
 
 NODE = "Demo Model Loader (CPU demo)"
 DEMO_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "tiny_t2i.safetensors")
@@ -165,17 +166,16 @@ def build_demo_model(path: str = DEMO_FILE):
 
 
 # -------------------------------------------------------------------------------------------- CLIP
-class DemoTextEncoder:
+class DemoTextEncoder(TextEncoderShim):
     """What the stock CLIPTextEncode (and the BranchGRPO Trainer) need from a CLIP: ``tokenize`` and
     ``encode_from_tokens_scheduled``. A prompt is one of the model's class names (case-insensitive); the
     CONDITIONING is ``[[one_hot [1, 1, C + 1], {"pooled_output": one_hot [1, C + 1]}]]``."""
 
     def __init__(self, class_names):
+        super().__init__()
         self.class_names = tuple(class_names)
         self.ids = {normalise_prompt(n): i for i, n in enumerate(self.class_names)}
         self.null = len(self.class_names)
-        self.cond_stage_model = torch.nn.Module()  # no weights: a CLIP LoRA has nothing to patch
-        self.patcher = None
 
     def clone(self):
         return DemoTextEncoder(self.class_names)
@@ -207,46 +207,15 @@ class DemoTextEncoder:
             return {"cond": cond, "pooled_output": pooled}
         return (cond, pooled) if return_pooled else cond
 
-    def encode_from_tokens_scheduled(self, tokens: dict, unprojected: bool = False, add_dict=None,
-                                     show_pbar: bool = True) -> list:
-        cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
-        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]
-
-    def encode(self, text: str):
-        return self.encode_from_tokens(self.tokenize(text))
-
-    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        return []  # no weights to patch: a LoRA's text-encoder part does nothing here
-
-    def clip_layer(self, layer_idx):
-        pass  # one "layer": CLIP Set Last Layer has nothing to change
-
-    def add_hooks_to_dict(self, pooled_dict):
-        return pooled_dict
-
-    def load_model(self):
-        return None
-
-    def get_sd(self):
-        return {}
-
 
 # --------------------------------------------------------------------------------------------- VAE
-class DemoVAE:
+class DemoVAE(VAEShim):
     """Pixel space: ``decode`` maps a latent ``[N, 3, 16, 16]`` in [-1, 1] to IMAGE ``[N, 16, 16, 3]`` in [0, 1];
     ``encode`` the inverse (an IMAGE of another size is area-resized to 16x16 first)."""
 
-    latent_channels = 3
-    latent_dim = 2
-    downscale_ratio = 1
-    upscale_ratio = 1
-    output_channels = 3
-    vae_dtype = torch.float32
-
     def __init__(self, size: int = 16):
+        super().__init__(latent_channels=3, downscale=1)
         self.size = size
-        self.device = torch.device("cpu")
-        self.output_device = torch.device("cpu")
 
     def decode(self, samples: torch.Tensor, **kwargs) -> torch.Tensor:
         if samples.dim() != 4 or samples.shape[1] != 3:
@@ -259,24 +228,6 @@ class DemoVAE:
         if tuple(x.shape[-2:]) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="area")
         return (x * 2.0 - 1.0).contiguous()
-
-    def decode_tiled(self, samples, *args, **kwargs):
-        return self.decode(samples)
-
-    def encode_tiled(self, pixels, *args, **kwargs):
-        return self.encode(pixels)
-
-    def spacial_compression_decode(self):
-        return 1
-
-    def spacial_compression_encode(self):
-        return 1
-
-    def temporal_compression_decode(self):
-        return None
-
-    def get_sd(self):
-        return {}
 
 
 # -------------------------------------------------------------------------------------------- node

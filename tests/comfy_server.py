@@ -33,6 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", REPO_ROOT / ".comfyui"))
 VENV_PYTHON = Path(os.environ.get("BRANCHGRPO_COMFY_PYTHON", REPO_ROOT / ".venv" / "bin" / "python"))
 PACK_NAME = "ComfyUI-BranchGRPO"
+DEV_PACK_NAME = PACK_NAME + "-dev"
+DEV_PACK_DIR = REPO_ROOT / "tests" / "comfy_dev_pack"
 MODEL_SUBDIRS = ("diffusion_models", "checkpoints", "vae", "text_encoders", "clip", "loras",
                  "clip_vision", "vae_approx", "embeddings")
 START_TIMEOUT_S = 120.0
@@ -59,18 +61,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_base_dir(base: Path, link_pack: bool = True) -> Path:
-    """A ComfyUI --base-directory: custom_nodes/<pack> -> this checkout, models/<kind>/,
+def make_base_dir(base: Path, link_pack: bool = True, dev_pack: bool = True) -> Path:
+    """A ComfyUI --base-directory: custom_nodes/<pack> -> this checkout (and, with ``dev_pack``,
+    custom_nodes/<pack>-dev -> tests/comfy_dev_pack, the suite's tiny-model nodes), models/<kind>/,
     input/, output/, user/."""
     base = Path(base)
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     for sub in MODEL_SUBDIRS:
         (base / "models" / sub).mkdir(parents=True, exist_ok=True)
-    if link_pack:
-        link = base / "custom_nodes" / PACK_NAME
+    links = [(PACK_NAME, REPO_ROOT)] if link_pack else []
+    if link_pack and dev_pack:
+        links.append((DEV_PACK_NAME, DEV_PACK_DIR))
+    for name, target in links:
+        link = base / "custom_nodes" / name
         if not link.is_symlink() and not link.exists():
-            link.symlink_to(REPO_ROOT, target_is_directory=True)
+            link.symlink_to(target, target_is_directory=True)
     return base
 
 
@@ -111,8 +117,8 @@ class ComfyServer:
 
     def __init__(self, base_dir: Path, port: Optional[int] = None,
                  extra_args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
-                 link_pack: bool = True):
-        self.base_dir = make_base_dir(Path(base_dir), link_pack=link_pack)
+                 link_pack: bool = True, dev_pack: bool = True):
+        self.base_dir = make_base_dir(Path(base_dir), link_pack=link_pack, dev_pack=dev_pack)
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args)
@@ -144,8 +150,7 @@ class ComfyServer:
             raise ComfyError(reason)
         env = dict(os.environ)
         env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "DO_NOT_TRACK": "1",
-                    "BRANCHGRPO_DEV_NODES": "1"})  # registers the test-only nodes (Tiny Random Flow Model)
+                    "DO_NOT_TRACK": "1"})
         env.pop("PYTHONPATH", None)
         if self.env:
             env.update(self.env)

@@ -19,7 +19,7 @@ def pack():
     nve.import_comfy()
     yield (importlib.import_module(f"{nve.PACK}.nodes.comfy_model"),
            importlib.import_module(f"{nve.PACK}.nodes.memory_probe"),
-           importlib.import_module(f"{nve.PACK}.nodes.tiny_model"))
+           importlib.import_module("comfy_dev_pack.tiny_flux"))
 
 
 def _lora_grads(pack, checkpointing: bool) -> dict[str, torch.Tensor]:

@@ -198,7 +198,8 @@ def pack():
     nve.import_comfy()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield {n: importlib.import_module(f"{nve.PACK}.nodes.{n}") for n in ("adapters", "memory_probe", "tiny_model")}
+    yield {**{n: importlib.import_module(f"{nve.PACK}.nodes.{n}") for n in ("adapters", "memory_probe")},
+           "tiny_model": importlib.import_module("comfy_dev_pack.tiny_flux")}
     torch.set_num_threads(threads)
 
 

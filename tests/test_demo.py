@@ -4,7 +4,7 @@
   VAEEncode (and the prompt reaches the model: "red circle" gives red pictures, "green square" green ones);
   an unknown prompt fails with the list of valid prompts;
 - scripts/run_demo.py's UI -> API converter turns workflows/cpu_demo.json back into exactly the graph it was
-  built from (demo/cpu_demo_workflow.py), using the server's /object_info;
+  built from (tests/cpu_demo_workflow.py), using the server's /object_info;
 - a shortened demo run (run_demo.py against the fixture's server, fewer iterations) learns: the mean reward of
   the last iterations beats the first ones; it writes the LoRA into models/loras and the reward curve into
   output; and the saved LoRA, loaded with the stock LoraLoaderModelOnly, gives the same pictures as the
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import run_demo  # noqa: E402
 from comfy_server import ComfyExecutionError  # noqa: E402
-from demo import cpu_demo_workflow as W  # noqa: E402
+import cpu_demo_workflow as W  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "cpu_demo.json"
 # The shortened run: the shipped graph with 8 iterations instead of 24, at 5x the learning rate so that it

@@ -1,4 +1,4 @@
-"""The layout of the repository: the product never imports the benchmark.
+"""The layout of the repository: the product never imports the benchmark or the tests, and ships no test node.
 
 ``branchgrpo/``, ``nodes/``, ``demo/`` and the pack's ``__init__.py`` are what a registry install ships; ``bench/``
 is run by hand. Arrows point from ``bench/`` into the product, never back: every Python file of the product is
@@ -87,6 +87,55 @@ def test_product_never_imports_the_benchmark():
         offenders += [f"{rel} {hit}" for hit in _bench_imports(path.read_text(encoding="utf-8"), package)]
     assert not offenders, "the product imports bench/ (move the code into the product instead):\n" + \
         "\n".join(offenders)
+
+
+def _test_module_names() -> set[str]:
+    """The top-level names a product file could import the test suite by: ``tests`` and every module or package
+    directly in ``tests/`` (they are importable by those names whenever ``tests/`` is on ``sys.path``)."""
+    names = {"tests"}
+    for p in (ROOT / "tests").iterdir():
+        if p.suffix == ".py":
+            names.add(p.stem)
+        elif p.is_dir() and (p / "__init__.py").is_file():
+            names.add(p.name)
+    return names
+
+
+def _test_imports(source: str, package: tuple[str, ...], names: set[str]) -> list[str]:
+    return [f"line {line}: {mod}" for line, mod in _imported_modules(source, package)
+            if mod.split(".")[0] in names or mod.startswith("tests.")]
+
+
+def test_product_never_imports_the_tests():
+    names = _test_module_names()
+    assert {"tiny_models", "comfy_server", "comfy_dev_pack"} <= names
+    assert _test_imports("from tiny_models import init_tensor", ("nodes",), names)  # the check can fail
+    assert _test_imports("import comfy_dev_pack.tiny_flux", ("branchgrpo",), names)
+    offenders = []
+    for path in _product_files():
+        rel = path.relative_to(ROOT)
+        offenders += [f"{rel} {hit}" for hit in _test_imports(path.read_text(encoding="utf-8"), rel.parent.parts,
+                                                              names)]
+    assert not offenders, "the product imports the test suite:\n" + "\n".join(offenders)
+
+
+def test_the_product_ships_no_test_node():
+    """Every node id the product defines is a user's node: none of the suite's tiny-model nodes, no testing
+    category, no environment switch that would register fixtures."""
+    import re
+    dev_ids = set()
+    for path in (ROOT / "tests" / "comfy_dev_pack").glob("*.py"):
+        dev_ids |= set(re.findall(r'node_id="([^"]+)"', path.read_text(encoding="utf-8")))
+    assert {"BranchGRPOTinyFlowModelLoader", "BranchGRPOTinyFamilyModel"} <= dev_ids
+    product_ids, offenders = set(), []
+    for path in _product_files():
+        text = path.read_text(encoding="utf-8")
+        product_ids |= set(re.findall(r'node_id="([^"]+)"', text))
+        if "/testing" in text or "DEV_NODES" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert "BranchGRPOTrainer" in product_ids
+    assert not product_ids & dev_ids, product_ids & dev_ids
+    assert not offenders, offenders
 
 
 def test_the_benchmark_imports_the_product_model():

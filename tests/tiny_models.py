@@ -78,6 +78,7 @@ __all__ = [
     "write_conditioning_dataset",
     "write_all_tiny",
     "FLUX_NOT_LOADABLE",
+    "init_tensor",
 ]
 
 FLUX_NOT_LOADABLE = (
@@ -108,8 +109,9 @@ def _is_norm_shift(key: str) -> bool:
     return "norm" in owner or owner.startswith("ln")
 
 
-def _init_tensor(key: str, shape: Tuple[int, ...], seed: int) -> torch.Tensor:
-    """Small deterministic random value for one parameter, chosen by its name."""
+def init_tensor(key: str, shape: Tuple[int, ...], seed: int) -> torch.Tensor:
+    """Small deterministic random value for one parameter, chosen by its name: the suite's one initialiser (the
+    stock-loader files here and the tiny models of ``comfy_dev_pack``)."""
     if _is_norm_scale(key) or key.endswith("vae_scale"):
         return torch.ones(shape)
     if _is_norm_shift(key) or key.endswith("vae_shift"):
@@ -135,7 +137,7 @@ def _materialise(spec: Iterable[Tuple[str, Tuple[int, ...]]], seed: int,
     for key, shape in spec:
         if key in out:
             raise ValueError(f"duplicate key in spec: {key}")
-        out[key] = _init_tensor(key, tuple(shape), seed).to(dtype).contiguous()
+        out[key] = init_tensor(key, tuple(shape), seed).to(dtype).contiguous()
     return out
 
 

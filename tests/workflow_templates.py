@@ -8,7 +8,7 @@ translated title is used only for ComfyUI's own templates) and the description w
 No file, field or translation a pack ships is read for the title or the description. So each workflow
 carries them in ``extra.branchgrpo`` (``title``, ``description``, ``runs_on``) and says them in its Notes.
 
-Generators of ``workflows/*.json`` (``tests/test_workflows.py``'s ``regenerate``, ``demo/cpu_demo_workflow.py``)
+Generators of ``workflows/*.json`` (``tests/test_workflows.py``'s ``regenerate``, ``tests/cpu_demo_workflow.py``)
 call :func:`apply` on each workflow they write; ``tests/test_templates.py`` checks the shipped files.
 """
 from __future__ import annotations

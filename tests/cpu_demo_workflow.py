@@ -1,6 +1,6 @@
 """The source of ``workflows/cpu_demo.json``: the CPU demo graph (API format) and its groups and notes.
 
-    .venv/bin/python -m demo.cpu_demo_workflow      # rebuild workflows/cpu_demo.json in the real frontend
+    .venv/bin/python tests/cpu_demo_workflow.py     # rebuild workflows/cpu_demo.json in the real frontend
     .venv/bin/python tests/test_workflows.py --thumbnails   # then its thumbnail (workflows/cpu_demo.jpg)
 
 The UI-format file is made the way tests/test_workflows.py makes the other shipped workflows: a real ComfyUI
@@ -154,7 +154,7 @@ def build() -> Path:
 
     from playwright.sync_api import sync_playwright
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))  # run as a script
     from browser_helpers import WORKFLOWS_DIR, ComfyPage, launch
     from comfy_server import ComfyServer
     from test_workflows import BUILD_JS
@@ -169,7 +169,7 @@ def build() -> Path:
         raise RuntimeError("console errors while generating:\n" + "\n".join(errors))
     workflow.setdefault("extra", {})["branchgrpo"] = {"title": TITLE}
     workflow["extra"].pop("ds", None)
-    import workflow_templates  # tests/ (on the path above): the description and hardware of each template
+    import workflow_templates  # the description and hardware of each template
     workflow_templates.apply(workflow, NAME)
     path = WORKFLOWS_DIR / f"{NAME}.json"
     path.write_text(json.dumps(workflow, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """Development nodes: tiny random-weight stand-ins for one flow-model family's model, text encoder and VAE.
 
-Registered only when the environment variable ``BRANCHGRPO_DEV_NODES=1`` is set (``nodes/__init__.py``; the
-test server sets it); a normal ComfyUI never lists them. They exist so that every flow family ComfyUI 0.3.75
+Part of the test suite's own custom-node folder (``tests/comfy_dev_pack``), which only the test server links into
+``custom_nodes/``; a registry install of the pack never has them. They exist so that every flow family ComfyUI 0.3.75
 supports can be trained end to end on a CPU in seconds:
 
 * **Tiny Family Model**: builds ``model_base.<Family>`` from ComfyUI's own model config class
@@ -29,10 +29,11 @@ from comfy_api.latest import io
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
+from tiny_models import init_tensor
 
-from . import types as T
+from . import CATEGORY, product_module
 
-CATEGORY = T.CATEGORY + "/testing"
+_shims = product_module("nodes/shims.py")
 
 _FLUX_BASE = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
               "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
@@ -120,20 +121,6 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 DETECTABLE = ("hunyuan_video", "hunyuan_video15", "hunyuan_image21", "wan22")
 
 
-def _init_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Deterministic per key: matrices N(0, 1/fan_in), biases N(0, 0.01^2), norm scales 1, vectors N(0, 0.02^2)."""
-    g = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(key.encode())) % (2 ** 63))
-    leaf = key.rsplit(".", 1)[-1]
-    owner = key.rsplit(".", 2)[-2] if key.count(".") >= 1 else ""
-    if leaf in ("scale", "gamma") or (leaf == "weight" and len(shape) == 1 and "emb" not in owner):
-        return torch.ones(shape)
-    if leaf == "bias":
-        return torch.randn(shape, generator=g) * 0.01
-    if len(shape) >= 2:
-        return torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-    return torch.randn(shape, generator=g) * 0.02
-
-
 def build_family_model(family: str, seed: int = 0):
     """A ``ModelPatcher`` over a tiny random ``model_base`` of ``family`` (see :data:`FAMILIES`)."""
     if family not in FAMILIES:
@@ -148,22 +135,21 @@ def build_family_model(family: str, seed: int = 0):
     with torch.inference_mode(False):
         base = model_config.get_model({})
         dm = base.diffusion_model
-        sd = {k: _init_tensor(k, tuple(v.shape), seed) for k, v in dm.state_dict().items()}
+        sd = {k: init_tensor(k, tuple(v.shape), seed) for k, v in dm.state_dict().items()}
         dm.load_state_dict(sd, strict=True)
     return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-class TinyTextEncoder:
+class TinyTextEncoder(_shims.TextEncoderShim):
     """What CLIPTextEncode and the BranchGRPO Trainer need from a CLIP (``tokenize``,
     ``encode_from_tokens_scheduled``): each prompt maps to a seeded random ``[1, tokens, width]``."""
 
     def __init__(self, width: int, tokens: int, pooled_width: int, attention_mask: bool, seed: int,
                  llama3_layers: int = 0):
+        super().__init__()
         self.width, self.tokens, self.pooled_width = int(width), int(tokens), int(pooled_width)
         self.attention_mask, self.seed, self.llama3_layers = bool(attention_mask), int(seed), int(llama3_layers)
-        self.cond_stage_model = torch.nn.Module()
-        self.patcher = None
 
     def clone(self):
         return TinyTextEncoder(self.width, self.tokens, self.pooled_width, self.attention_mask, self.seed,
@@ -192,57 +178,16 @@ class TinyTextEncoder:
             return out
         return (cond, pooled) if return_pooled else cond
 
-    def encode_from_tokens_scheduled(self, tokens: dict, unprojected: bool = False, add_dict=None,
-                                     show_pbar: bool = True) -> list:
-        out = self.encode_from_tokens(tokens, return_dict=True)
-        cond = out.pop("cond")
-        return [[cond, {**out, **(add_dict or {})}]]
 
-    def encode(self, text: str):
-        return self.encode_from_tokens(self.tokenize(text))
-
-    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        return []
-
-    def clip_layer(self, layer_idx):
-        pass
-
-    def add_hooks_to_dict(self, pooled_dict):
-        return pooled_dict
-
-    def load_model(self):
-        return None
-
-    def get_sd(self):
-        return {}
-
-
-class TinyVAE:
+class TinyVAE(_shims.VAEShim):
     """Latent (any channel count, image or video) <-> RGB by a fixed random channel mix; no up/downsampling in
     decode, ``downscale`` x area resize in encode."""
 
     def __init__(self, channels: int, downscale: int = 8, seed: int = 0, video: bool = False):
-        self.latent_channels = int(channels)
+        super().__init__(latent_channels=channels, downscale=downscale)
         self.video = bool(video)
-        self.downscale_ratio = self.upscale_ratio = int(downscale)
-        self.output_channels = 3
-        self.vae_dtype = torch.float32
-        self.device = self.output_device = torch.device("cpu")
         g = torch.Generator().manual_seed(seed)
         self.mix = torch.randn(3, self.latent_channels, generator=g) / math.sqrt(self.latent_channels)
-
-    @property
-    def latent_dim(self) -> int:
-        return 2
-
-    def spacial_compression_decode(self):
-        return 1
-
-    def spacial_compression_encode(self):
-        return self.downscale_ratio
-
-    def temporal_compression_decode(self):
-        return None
 
     def decode(self, samples: torch.Tensor, **kwargs) -> torch.Tensor:
         x = samples.detach().float().cpu()
@@ -334,4 +279,4 @@ class TinyVAENode(io.ComfyNode):
         return io.NodeOutput(TinyVAE(channels, downscale, seed, video))
 
 
-DEV_NODES: list[type[io.ComfyNode]] = [TinyFamilyModelNode, TinyTextEncoderNode, TinyVAENode]
+FAMILY_NODES: list[type[io.ComfyNode]] = [TinyFamilyModelNode, TinyTextEncoderNode, TinyVAENode]

@@ -1,7 +1,7 @@
 """Tiny random-weight flow model for the tests (NOT a real model: it generates noise-like images).
 
-A test fixture, not a user's node: the pack registers it only when ComfyUI runs with the environment variable
-``BRANCHGRPO_DEV_NODES=1`` (``nodes/__init__.py``; the test suite's server sets it), so it stays out of the menu.
+A test fixture, not a user's node: it is part of the test suite's own custom-node folder (``tests/comfy_dev_pack``),
+which only the test server links into ``custom_nodes/``.
 
 FLUX cannot be built small through the stock ``UNETLoader``: ComfyUI's model detection hard-codes
 24 heads and axes_dim [16, 56, 56], which forces hidden_size 3072. This node builds FLUX from an
@@ -15,9 +15,7 @@ context [B, 77, 4096] (``context_in_dim`` 4096) and pooled [B, 2048] (``vec_in_d
 """
 from __future__ import annotations
 
-import math
 import os
-import zlib
 
 import torch
 from comfy_api.latest import io
@@ -27,8 +25,9 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+from tiny_models import init_tensor
 
-from . import types as T
+from . import CATEGORY
 
 NODE = "Tiny Random Flow Model"
 RANDOM = "(seeded random init)"
@@ -40,21 +39,6 @@ TINY_CONFIGS: dict[str, dict] = {
              "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
              "guidance_embed": True},
 }
-
-
-def _init_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Deterministic per key (independent of order): matrices N(0, 1/fan_in), biases N(0, 0.01^2),
-    norm scales 1, other vectors N(0, 0.02^2)."""
-    g = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(key.encode())) % (2 ** 63))
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf == "scale" or (leaf == "weight" and len(shape) == 1):
-        return torch.ones(shape)
-    if leaf == "bias":
-        return torch.randn(shape, generator=g) * 0.01
-    if len(shape) >= 2:
-        fan_in = math.prod(shape[1:])
-        return torch.randn(shape, generator=g) / math.sqrt(fan_in)
-    return torch.randn(shape, generator=g) * 0.02
 
 
 def _strip_prefix(sd: dict) -> dict:
@@ -89,7 +73,7 @@ def build_tiny_model(family: str, seed: int, weights_path: str | None = None):
                     f"'{RANDOM}' or a file saved from this node's model (e.g. with the stock ModelSave).")
             sd = {k: v.to(torch.float32) for k, v in sd.items()}
         else:
-            sd = {k: _init_tensor(k, tuple(v.shape), seed) for k, v in expected.items()}
+            sd = {k: init_tensor(k, tuple(v.shape), seed) for k, v in expected.items()}
         dm.load_state_dict(sd, strict=True)
     return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
@@ -100,8 +84,8 @@ class TinyFlowModelLoaderNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="BranchGRPOTinyFlowModelLoader", display_name="Tiny Random Flow Model (tests/demo)",
-            category=T.CATEGORY + "/testing", is_experimental=True,
-            description="For tests only (listed when ComfyUI runs with BRANCHGRPO_DEV_NODES=1): builds a TINY "
+            category=CATEGORY, is_experimental=True,
+            description="For tests only (the test suite's custom-node folder): builds a TINY "
                         "flow-matching model with RANDOM weights (not a real model; it generates noise-like "
                         "images). 'flux' is a FLUX-dev-style model (guidance embedding on, 0.6 M parameters) that "
                         "the stock UNETLoader cannot build small. Its text inputs match the stock CLIPLoader with "
