@@ -24,7 +24,7 @@ exact bytes held at each phase's peak (``branchgrpo.memory``): parameters and bu
 state, conditioning, the trees, and every tensor the phase creates while it is alive (``LiveTensors``); the
 bytes autograd saves for backward are counted per block with ``saved_tensors_hooks`` (a probe at the run's
 shape, checkpointing off). ``peak_bytes_predicted`` is the Trainer's own prediction for the same run
-(``nodes.memory_probe.predict_memory``: FakeTensor probes at 1 and 2 blocks per list, extrapolated), and
+(``nodes.memory.predict_memory``: FakeTensor probes at 1 and 2 blocks per list, extrapolated), and
 ``peak_bytes_full_depth`` the same prediction for the family's full depth.
 
 **Table.** ``--table`` sizes every row at full depth without arithmetic (``FakeTensorMode``), with the real
@@ -109,7 +109,7 @@ def narrowed(family: str, width: int) -> dict:
 
 def import_comfy(cpu: bool = True):
     """ComfyUI's modules in this process and the pack imported as ComfyUI imports a custom node. Returns a
-    namespace with the pack's ``comfy_model`` and ``memory_probe`` modules."""
+    namespace with the pack's ``comfy_model`` and ``memory`` modules."""
     if not (COMFY_DIR / "comfy" / "samplers.py").is_file():
         raise SystemExit(f"ComfyUI is missing at {COMFY_DIR}: run scripts/setup_dev.sh")
     if str(COMFY_DIR) not in sys.path:
@@ -128,7 +128,7 @@ def import_comfy(cpu: bool = True):
         sys.modules[PACK] = mod
         spec.loader.exec_module(mod)
     return (importlib.import_module(f"{PACK}.nodes.comfy_model"),
-            importlib.import_module(f"{PACK}.nodes.memory_probe"))
+            importlib.import_module(f"{PACK}.nodes.memory"))
 
 
 # ---------------------------------------------------------------------------------------------- shapes

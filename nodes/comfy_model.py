@@ -13,7 +13,7 @@
 * A batch whose rows belong to several prompts is one model call, as in the engine: the prompts' conds
   are concatenated into one (``process_cond`` + ``concat``, what ``calc_cond_batch`` does with conds of
   equal shape); only prompts whose conds cannot be concatenated run as separate groups.
-* Memory (``nodes/memory_policy.py``): if model management unloaded the diffusion model in between (a VAE or
+* Memory (``nodes/memory.py``): if model management unloaded the diffusion model in between (a VAE or
   reward model needed the memory), the next call loads it again; fp8 / offloaded weights are cast per
   layer by ComfyUI's ops and the adapter's weight function returns the weight in that compute dtype.
 """
@@ -36,7 +36,7 @@ import node_helpers
 
 from branchgrpo.lora import LoRAConfig
 
-from . import memory_policy
+from .model_management import is_loaded
 
 log = logging.getLogger("BranchGRPO")
 
@@ -219,6 +219,7 @@ class ComfyFlowModel:
         self.real_model = None
         self.model_options = None
         self.device = comfy.model_management.get_torch_device()
+        self._unmanaged = False
 
     # ------------------------------------------------------------------ conditioning
     def add_prompts(self, prompts: Sequence[str]) -> None:
@@ -271,6 +272,35 @@ class ComfyFlowModel:
             self.real_model = None
             self._processed = {}
 
+    @contextlib.contextmanager
+    def unmanaged_session(self):
+        """:meth:`session` without ComfyUI's model management, on the CPU: what the memory prediction runs on a
+        twin of fake tensors, where there is nothing to load. The adapters' weight wrappers are installed as a full
+        load installs them, and taken off after."""
+        mp = self.mp
+        restore = []
+        for name, m in mp.model.diffusion_model.named_modules():
+            if hasattr(m, "weight_function"):
+                restore.append((m, m.weight_function))
+                m.weight_function = list(mp.weight_wrapper_patches.get(f"diffusion_model.{name}.weight", []))
+        previous = mp.model.current_patcher
+        mp.model.current_patcher = mp
+        self.model_options = comfy.model_patcher.create_model_options_clone(mp.model_options)
+        self._unmanaged = True
+        try:
+            cpu = torch.device("cpu")
+            self.real_model, self.device = mp.model, cpu
+            zeros = torch.zeros((1, *self.latent_shape))
+            for p in self._raw:
+                self._processed[p] = comfy.samplers.process_conds(mp.model, zeros, self._conds_for(p), cpu, zeros,
+                                                                  None, self.seed)
+            yield self
+        finally:
+            for m, fns in restore:
+                m.weight_function = fns
+            mp.model.current_patcher = previous
+            self.real_model, self._processed, self._unmanaged = None, {}, False
+
     # ------------------------------------------------------------------ VelocityModel
     def encode(self, prompts: Sequence[str]) -> list[str]:
         missing = [p for p in prompts if p not in self._processed]
@@ -288,16 +318,17 @@ class ComfyFlowModel:
         index = index.to("cpu")
         sigma = sigma.to(x.device)
         view = (-1,) + (1,) * (x.dim() - 1)
-        groups = torch.unique(index).tolist()
+        groups = [0] if len(cond) == 1 else torch.unique(index).tolist()  # one prompt: every row is its
         out = None
         for bucket in self._buckets([cond[k] for k in groups]):
-            rows = [torch.nonzero(index == groups[i]).flatten() for i in bucket]
             prompts = [cond[groups[i]] for i in bucket]
-            positive = self._batched_cond(prompts, [len(r) for r in rows])
             negative = self._processed[prompts[0]].get("negative")
             if len(bucket) == len(groups) and len(groups) == 1:
+                positive = self._batched_cond(prompts, [x.shape[0]])
                 xr, sr = x, sigma
             else:
+                rows = [torch.nonzero(index == groups[i]).flatten() for i in bucket]
+                positive = self._batched_cond(prompts, [len(r) for r in rows])
                 order = torch.cat(rows).to(x.device)
                 xr, sr = x[order], sigma[order]
             denoised = comfy.samplers.sampling_function(self.real_model, xr, sr, negative, positive, self.cfg,
@@ -313,7 +344,7 @@ class ComfyFlowModel:
     def ensure_loaded(self) -> None:
         """Load the diffusion model again if model management unloaded it since the last call (a VAE or a
         reward model that needed its memory); a no-op while it stays loaded, fully or partially."""
-        if self.real_model is None or memory_policy.is_loaded(self.mp):
+        if self.real_model is None or self._unmanaged or is_loaded(self.mp):
             return
         noise_shape, all_conds = self._sampling_args
         self.real_model, _, self._loaded = comfy.sampler_helpers.prepare_sampling(self.mp, noise_shape, all_conds,

@@ -25,7 +25,7 @@ from branchgrpo.rewards.base import Reward
 from branchgrpo.schedule import BranchSchedule
 from branchgrpo.trainer import BranchGRPOTrainer, Callback, TrainerConfig
 
-from . import inputs, memory_policy, memory_probe
+from . import inputs, memory
 from . import types as T
 from . import adapters as adapter_sets
 from .comfy_model import ComfyFlowModel, attach_lora, encode_prompt, model_family, require_flow_model
@@ -117,25 +117,6 @@ class ComfyProgress(Callback):
                  metrics["reward_max"], metrics["reward_min"], metrics.get("reward_spread", float("nan")), held,
                  metrics.get("kl_ref", metrics.get("kl", float("nan"))), metrics.get("grad_norm", float("nan")),
                  metrics["time_total"])
-
-
-def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
-                       num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None,
-                       conditioning=None, algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None):
-    """The run's peak per phase, predicted before iteration 1 with the accounting ``bench.scale`` measures
-    (:func:`nodes.memory_probe.predict_memory`: FakeTensor probes of one model call of each kind at the run's
-    shape, weights by dtype, LoRA + AdamW, the trees). ``weights_dtype``: the dtype the base weights will be
-    stored in (fp8), when it differs from the loaded one. ``existing``: a LoRA file to continue (its modules count
-    at their own rank and algorithm)."""
-    run = memory_probe.predict_memory(model, latent_shape, config, lora_cfg, checkpointing=checkpointing,
-                                      num_prompts=num_prompts, text_tokens=memory_probe.TEXT_TOKENS,
-                                      guidance=guidance, vae=vae, decode_batch=decode_batch,
-                                      reward_weights=memory_probe.reward_weight_bytes(rewards),
-                                      conditioning=conditioning, algorithm=algorithm,
-                                      train_bias_norm=train_bias_norm, existing=existing)
-    if weights_dtype is not None:
-        memory_probe.set_weights(run, memory_policy.weight_bytes(model, weights_dtype))
-    return run
 
 
 class TrainerNode(io.ComfyNode):
@@ -358,15 +339,15 @@ def plan_run(request: RunRequest, model, clip, vae, reward) -> "RunPlan":
     s = request.settings
     budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
               else comfy.model_management.get_total_memory(model.load_device))
-    memory = memory_policy.plan(budget=budget, weights=model.model_size(), latent_shape=request.latent_shape,
+    policy = memory.plan(budget=budget, weights=model.model_size(), latent_shape=request.latent_shape,
                                 max_batch=s.max_batch, vae=vae, reward=reward, base_weights=s.base_weights,
                                 release_models=s.release_models)
     try:
-        run_memory = predict_run_memory(
+        run_memory = memory.predict_run_memory(
             model, request.latent_shape, request.config, request.lora_cfg, checkpointing=request.checkpointing,
             num_prompts=len(request.prompts) + len(request.eval_prompts), guidance=s.flux_guidance, vae=vae,
-            rewards=request.rewards, decode_batch=memory.decode_batch,
-            weights_dtype=memory_policy.FP8.get(memory.base_weights),
+            rewards=request.rewards, decode_batch=policy.decode_batch,
+            weights_dtype=memory.FP8.get(policy.base_weights),
             conditioning=encode_prompt(clip, request.prompts[0], s.flux_guidance), algorithm=request.algorithm,
             train_bias_norm=request.train_bias_norm, existing=request.existing)
     except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
@@ -374,19 +355,19 @@ def plan_run(request: RunRequest, model, clip, vae, reward) -> "RunPlan":
                     "is not checked against the budget.", request.run_name, model_family(model), type(e).__name__, e)
         run_memory = None
     if run_memory is not None and run_memory.peak > budget:
-        raise ValueError(memory_probe.budget_message(NODE, run_memory, int(budget)))
+        raise ValueError(memory.budget_message(NODE, run_memory, int(budget)))
     predicted = run_memory.summary() if run_memory is not None else f"unavailable for {model_family(model)}"
     info = (f"predicted memory: {predicted}; gradient checkpointing {'on' if request.checkpointing else 'off'}; "
-            f"{memory.describe()}")
+            f"{policy.describe()}")
     log.info("BranchGRPO %s: %s", request.run_name, info)
     state = (read_resumable_checkpoint(request.checkpoint, request.config, request.iterations)
              if request.resume and os.path.exists(request.checkpoint) else None)
-    return RunPlan(memory, run_memory, info, state)
+    return RunPlan(policy, run_memory, info, state)
 
 
 @dataclasses.dataclass
 class RunPlan:
-    memory: object  # nodes.memory_policy.MemoryPlan
+    policy: object  # nodes.memory.MemoryPlan
     run_memory: object  # the prediction (None where the probe cannot trace the model)
     info: str
     state: dict | None  # the checkpoint to resume
@@ -402,18 +383,18 @@ class Trained:
 
 def train_session(request: RunRequest, plan: RunPlan, model, clip, vae) -> Trained:
     """Attach the adapter, encode the prompts, train with progress on the node; the adapter's state at the end."""
-    s, memory, ckpt = request.settings, plan.memory, request.checkpoint
+    s, policy, ckpt = request.settings, plan.policy, request.checkpoint
     with torch.inference_mode(False), torch.enable_grad():
-        base = (model if memory.base_weights not in memory_policy.FP8
-                else memory_policy.with_base_dtype(model, memory_policy.FP8[memory.base_weights]))
+        base = (model if policy.base_weights not in memory.FP8
+                else memory.with_base_dtype(model, memory.FP8[policy.base_weights]))
         mp, lora = attach_lora(base, request.lora_cfg, seed=request.seed, device=model.load_device,
                                algorithm=request.algorithm, train_bias_norm=request.train_bias_norm,
                                existing=request.existing)
         flow = ComfyFlowModel(mp, request.latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
                               guidance=s.flux_guidance, seed=request.seed)
         flow.add_prompts(request.prompts + request.eval_prompts)  # encoded once, kept for the whole run
-        if memory.release_text_encoders:
-            memory_policy.release(memory_policy.patchers_of(clip))
+        if policy.release_text_encoders:
+            memory.release(memory.patchers_of(clip))
 
         def decode(x0):
             return vae.decode(flow.to_vae_latent(x0.to(vae.device if hasattr(vae, "device") else x0.device)))
@@ -437,9 +418,9 @@ def train_session(request: RunRequest, plan: RunPlan, model, clip, vae) -> Train
             log.warning("BranchGRPO %s: %s", request.run_name, request.notes[-1])
         trainer.callbacks.append(ComfyProgress(request.node_id, request.run_name, trainer.iteration,
                                                request.iterations, decode=decode))
-        trainer.decode_batch, trainer.reward_batch = memory.decode_batch, memory.reward_batch
-        if memory.release_after_phase:
-            trainer.callbacks.append(memory_policy.ReleaseAfterPhase(vae, request.rewards))
+        trainer.decode_batch, trainer.reward_batch = policy.decode_batch, policy.reward_batch
+        if policy.release_after_phase:
+            trainer.callbacks.append(memory.ReleaseAfterPhase(vae, request.rewards))
         with flow.session(s.max_batch), checkpointing_blocks(mp, request.checkpointing):
             trainer.train(checkpoint_path=ckpt)
         for p in lora.parameters():

@@ -18,7 +18,7 @@ from bench import node_vs_engine as nve
 def pack():
     nve.import_comfy()
     yield (importlib.import_module(f"{nve.PACK}.nodes.comfy_model"),
-           importlib.import_module(f"{nve.PACK}.nodes.memory_probe"),
+           importlib.import_module(f"{nve.PACK}.nodes.memory"),
            importlib.import_module("comfy_dev_pack.tiny_flux"))
 
 

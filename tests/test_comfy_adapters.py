@@ -198,7 +198,7 @@ def pack():
     nve.import_comfy()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield {**{n: importlib.import_module(f"{nve.PACK}.nodes.{n}") for n in ("adapters", "memory_probe")},
+    yield {**{n: importlib.import_module(f"{nve.PACK}.nodes.{n}") for n in ("adapters", "memory")},
            "tiny_model": importlib.import_module("comfy_dev_pack.tiny_flux")}
     torch.set_num_threads(threads)
 
@@ -229,7 +229,7 @@ def test_a_continued_file_starts_exactly_where_the_stock_loader_puts_the_model(p
                                                                               alpha):
     import comfy.sd
     from branchgrpo.lora import LoRAConfig
-    ad, probe, tiny = pack["adapters"], pack["memory_probe"], pack["tiny_model"]
+    ad, probe, tiny = pack["adapters"], pack["memory"], pack["tiny_model"]
     mp = tiny.build_tiny_model("flux", 0)
     src = ad.build_adapters(mp.model.diffusion_model, LoRAConfig(rank=4, alpha=2.0, targets=("*attn*",)),
                             algorithm=algorithm, seed=1)
@@ -273,7 +273,7 @@ def test_a_continued_file_starts_exactly_where_the_stock_loader_puts_the_model(p
 
 def test_memory_probe_counts_each_algorithms_trainable_numbers(pack):
     from branchgrpo.lora import LoRAConfig
-    ad, probe, tiny = pack["adapters"], pack["memory_probe"], pack["tiny_model"]
+    ad, probe, tiny = pack["adapters"], pack["memory"], pack["tiny_model"]
     dm = tiny.build_tiny_model("flux", 0).model.diffusion_model
     cfg = LoRAConfig(rank=4, alpha=4.0, targets=("*",))
     for algorithm in ("LoRA", "LoHa", "LoKr", "OFT"):
@@ -289,7 +289,7 @@ def test_memory_probe_counts_a_continued_files_own_adapters(pack, tmp_path):
     """A continued file's layers count at the file's rank and algorithm (a rank-16 LoHa file continued with a rank-2
     LoRA selected), the layers it does not cover as fresh adapters of the selected algorithm."""
     from branchgrpo.lora import LoRAConfig
-    ad, probe, tiny = pack["adapters"], pack["memory_probe"], pack["tiny_model"]
+    ad, probe, tiny = pack["adapters"], pack["memory"], pack["tiny_model"]
     mp = tiny.build_tiny_model("flux", 0)
     dm = mp.model.diffusion_model
     src = ad.build_adapters(dm, LoRAConfig(rank=16, alpha=16.0, targets=("*attn*",)), algorithm="LoHa", seed=1)
@@ -330,7 +330,7 @@ def test_memory_probe_on_fake_tensors_equals_the_measured_run_for_each_algorithm
     """The Trainer's memory prediction builds the run's adapters on a fake twin: its rollout and update transients
     equal those of the same calls computed for real (tiny FLUX, bias/norm deltas on)."""
     from branchgrpo.lora import LoRAConfig
-    probe, tiny = pack["memory_probe"], pack["tiny_model"]
+    probe, tiny = pack["memory"], pack["tiny_model"]
     mp = tiny.build_tiny_model("flux", 0)
     kw = dict(rollout_batch=2, train_batch=2, text_tokens=8, guidance=3.5, checkpointing=False,
               algorithm=algorithm, train_bias_norm=True)

@@ -25,7 +25,7 @@ def pk():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     mods = {name: importlib.import_module(f"{nve.PACK}.nodes.{name}")
-            for name in ("adapters", "comfy_model", "demo_model", "memory_policy", "rewards")}
+            for name in ("adapters", "comfy_model", "demo_model", "memory", "rewards")}
     yield mods
     torch.set_num_threads(threads)
 
@@ -147,7 +147,7 @@ def test_with_base_dtype_stores_linear_weights_in_fp8(pk, tmp_path):
     rounds them too), computed in the model's dtype; the input MODEL is unchanged."""
     import comfy.sd
     import comfy.samplers
-    mpol = pk["memory_policy"]
+    mpol = pk["memory"]
     path = tm.write_tiny_sd3(tmp_path / "models")
     full = comfy.sd.load_diffusion_model(str(path))
     fp8 = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})
@@ -311,7 +311,7 @@ class _TinyScorer:
 
 
 def test_vae_and_reward_models_are_released_after_their_phase(pk):
-    mpol, rewards = pk["memory_policy"], pk["rewards"]
+    mpol, rewards = pk["memory"], pk["rewards"]
     import comfy.model_management as mm
     import comfy.model_patcher
 
@@ -362,7 +362,7 @@ def test_vae_and_reward_models_are_released_after_their_phase(pk):
 
 
 def test_plan_picks_defaults_from_the_budget(pk):
-    mpol = pk["memory_policy"]
+    mpol = pk["memory"]
     gb = 2 ** 30
     flux = mpol.plan(budget=24 * gb, weights=int(23.8 * gb), latent_shape=(16, 64, 64), max_batch=16)
     assert flux.base_weights == "fp8_e4m3fn" and flux.release_text_encoders and flux.release_after_phase
@@ -394,7 +394,7 @@ def test_each_prompt_is_encoded_once_per_run_and_the_text_encoder_released(pk):
     import comfy.model_patcher
     from branchgrpo.lora import LoRAConfig
     from branchgrpo.trainer import BranchGRPOTrainer
-    cm, demo, mpol = pk["comfy_model"], pk["demo_model"], pk["memory_policy"]
+    cm, demo, mpol = pk["comfy_model"], pk["demo_model"], pk["memory"]
     mp, names = demo.build_demo_model()
     encoded = []
 

@@ -1,43 +1,217 @@
-"""The Trainer's memory prediction for a ComfyUI model: probes of one model call under ``FakeTensorMode``.
+"""Memory of a training run in ComfyUI: the policy that shares one card between the models, and the prediction.
 
-Nothing here runs arithmetic on the real model. A *twin* of the diffusion model is built from the MODEL's own
-``model_config`` (same class, widths and weight dtypes; fp8 stays fp8) under ``FakeTensorMode`` with 1 or 2
-blocks per block list, the adapters (the run's algorithm, ``nodes/adapters.py``) are attached through the same
-weight wrappers as in training, and one model
-call of each kind runs through ComfyUI's ``sampling_function`` while :class:`branchgrpo.memory.LiveTensors`
-follows every tensor it creates:
+**Policy** (:func:`plan`, :class:`ReleaseAfterPhase`, :func:`with_base_dtype`): how a run shares one card with its
+text encoders, VAE and reward models, through ComfyUI's model management (``nodes/model_management.py``).
+
+* Text encoders: every prompt is encoded once per run (the Trainer keeps the conditioning for all
+  iterations); the CLIP is released before the rollout.
+* The diffusion model is loaded for the rollout; the VAE (decode phase) and each reward model (reward phase)
+  are loaded in turn, in chunks of leaves sized to the budget, and each is released when its phase ends. If one
+  of them pushed the diffusion model out, the update loads it back: at most one load per iteration.
+* Base weights in fp8: what the stock UNETLoader's ``weight_dtype`` fp8_e4m3fn / fp8_e5m2 gives: Linear weights
+  stored in fp8, cast per layer to the compute dtype by ComfyUI's manual-cast ops; the adapter's weight wrapper
+  then adds its update in that compute dtype.
+
+**Prediction** (:func:`predict_run_memory`): probes of one model call under ``FakeTensorMode``. Nothing runs
+arithmetic on the real model. A *twin* of the diffusion model is built from the MODEL's own ``model_config``
+(same class, widths and weight dtypes; fp8 stays fp8) under ``FakeTensorMode`` with 1 or 2 blocks per block list,
+the adapters (the run's algorithm) are attached through the same weight wrappers as in training, and one model
+call of each kind runs through the Trainer's own sampling session (``ComfyFlowModel``, without model
+management) while :class:`branchgrpo.memory.LiveTensors` follows every tensor it creates:
 
 * the rollout: one no-grad call of ``max_batch`` latents;
 * the update: one forward + backward of ``max_train_batch`` parents, with the run's gradient checkpointing.
 
 The transient bytes of the full depth are extrapolated from the depths probed (exact when every block of a
 list has the same shapes); the weights are the real model's, by dtype. The VAE decode is probed the same way
-(its real weights, fake inputs, no gradients). :func:`branchgrpo.memory.plan_run` assembles the phases.
+(its real weights, fake inputs, no gradients). :func:`branchgrpo.memory.plan_run` (the engine's accounting)
+assembles the phases.
+
+ComfyUI internals used here (0.3.75): ``ModelPatcher.clone``, ops modules' ``comfy_cast_weights``,
+``BaseModel.manual_cast_dtype``, ``VAE.memory_used_decode``, ``model_config.get_model``.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import comfy.model_patcher
-import comfy.sampler_helpers
-import comfy.samplers
 
 from branchgrpo.lora import LoRAConfig
 from branchgrpo.memory import (LiveTensors, RunMemory, SavedTensors, extrapolate_depth, module_bytes,
                                planned_tree_bytes, plan_run)
+from branchgrpo.trainer import Callback, TrainerConfig
 
 from .adapters import count_trainable
-from .comfy_model import attach_lora, gradient_checkpointing
+from .comfy_model import ComfyFlowModel, attach_lora, gradient_checkpointing
+from .model_management import is_loaded, need, patchers_of, release
 
+log = logging.getLogger("BranchGRPO")
 CPU = torch.device("cpu")
 TEXT_TOKENS = 512
 """Text tokens assumed per prompt when the conditioning is not encoded yet (T5-XXL / umT5 at their longest)."""
 
+FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+BASE_WEIGHT_CHOICES = ("auto", "as loaded", *FP8)
+#: ``auto`` stores the base in fp8 when the weights as loaded take more than this share of the budget
+#: (the rest is for the VAE, the reward model, the stored tree, the LoRA's optimizer state and activations).
+FP8_WHEN_WEIGHTS_OVER = 0.5
 
+
+
+# ========================================================================================== policy
+class ReleaseAfterPhase(Callback):
+    """Releases the VAE after the decode phase and reward model ``k`` after it has scored the leaves."""
+
+    def __init__(self, vae, rewards):
+        self.vae_patchers = patchers_of(vae)
+        self.reward_patchers = [patchers_of(r) for r in rewards]
+        self.released: list[str] = []
+
+    def on_phase_end(self, phase: str, index: int | None = None) -> None:
+        if phase == "decode":
+            if release(self.vae_patchers):
+                self.released.append("vae")
+        elif phase == "reward" and index is not None and index < len(self.reward_patchers):
+            if release(self.reward_patchers[index]):
+                self.released.append(f"reward{index}")
+
+    def on_rollout_end(self, iteration, tree, leaf_rewards, images) -> None:
+        # a callback before this one may have decoded a preview after the decode phase: out again
+        if release(self.vae_patchers):
+            self.released.append("vae")
+
+
+# ------------------------------------------------------------------------------------------- fp8 base
+def with_base_dtype(model_patcher, dtype: torch.dtype):
+    """A clone of ``model_patcher`` whose diffusion model stores its Linear weights in ``dtype`` (fp8) and
+    computes in the model's compute dtype (``manual_cast_dtype``, else the dtype it was loaded in), as the
+    stock UNETLoader's fp8 ``weight_dtype`` gives. The input MODEL is unchanged: the new model shares every
+    other tensor with it; only the fp8 copies of the Linear weights are new (half the bytes of bf16)."""
+    model = model_patcher.model
+    dm = model.diffusion_model
+    linears = [m for m in dm.modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "comfy_cast_weights")]
+    if not linears:
+        raise ValueError("BranchGRPO Trainer: base_weights — this model's layers are not ComfyUI ops, so they "
+                         "cannot compute from fp8 weights; set base_weights to 'as loaded'.")
+    if all(m.weight.dtype == dtype for m in linears):
+        return model_patcher.clone()
+    # copy from the weights at rest (the offload device, nothing patched in): unload this model first
+    release([lm.model for lm in need("current_loaded_models") if lm.model.model is model])
+    compute = model.manual_cast_dtype or model.get_dtype()
+    if compute in FP8.values():
+        compute = torch.bfloat16
+    offload = model_patcher.offload_device
+    memo = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for m in linears:
+            w = m.weight
+            memo[id(w)] = torch.nn.Parameter(w.detach().to(device=offload, dtype=dtype), requires_grad=False)
+        # everything else (norms, biases, embeddings, buffers) is shared, not copied
+        for t in list(model.parameters()) + list(model.buffers()):
+            memo.setdefault(id(t), t)
+        if getattr(model, "current_patcher", None) is not None:  # set while a sampler runs it: not ours to copy
+            memo[id(model.current_patcher)] = None
+        new_model = copy.deepcopy(model, memo)
+    for m in new_model.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            m.weight_function, m.bias_function = [], []
+            for attr in ("comfy_patched_weights", "prev_comfy_cast_weights"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+            if isinstance(m, torch.nn.Linear) and m.weight.dtype == dtype:
+                m.comfy_cast_weights = True
+    new_model.manual_cast_dtype = compute
+    new_model.device = offload
+    new_model.model_loaded_weight_memory = 0
+    new_model.model_lowvram = False
+    new_model.current_weight_patches_uuid = None
+    new_model.lowvram_patch_counter = 0
+    clone = model_patcher.clone()
+    clone.model = new_model
+    clone.size = 0
+    clone.backup, clone.object_patches_backup, clone.pinned = {}, {}, set()
+    return clone
+
+
+def weight_bytes(model_patcher, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights with its ComfyUI-op Linear weights stored in ``dtype`` (what
+    :func:`with_base_dtype` keeps), everything else as loaded."""
+    total = model_patcher.model_size()
+    for m in model_patcher.model.diffusion_model.modules():
+        if isinstance(m, torch.nn.Linear) and hasattr(m, "comfy_cast_weights"):
+            w = m.weight
+            total += w.numel() * (dtype.itemsize - w.element_size()) if w.element_size() > dtype.itemsize else 0
+    return total
+
+
+# -------------------------------------------------------------------------------------------- the plan
+@dataclass
+class MemoryPlan:
+    base_weights: str          # "as loaded" or an fp8 name
+    decode_batch: int          # leaves per VAE decode
+    reward_batch: int          # leaves per reward call
+    release_text_encoders: bool
+    release_after_phase: bool
+
+    def describe(self) -> str:
+        return (f"base weights {self.base_weights}, decode {self.decode_batch} / reward {self.reward_batch} leaves "
+                f"per call, text encoders released after encoding: {'yes' if self.release_text_encoders else 'no'}, "
+                f"VAE and reward models released after their phase: {'yes' if self.release_after_phase else 'no'}")
+
+
+def vae_bytes_per_leaf(vae, latent_shape) -> int:
+    """Memory ComfyUI's VAE budgets to decode one latent (``memory_used_decode``), else 0."""
+    fn = getattr(vae, "memory_used_decode", None)
+    if fn is None:
+        return 0
+    try:
+        return int(fn((1, *latent_shape), getattr(vae, "vae_dtype", torch.float32)))
+    except Exception:  # a VAE without a decode-memory model: no bound from it
+        return 0
+
+
+def plan(*, budget: int, weights: int, latent_shape, max_batch: int, vae=None, reward=None,
+         base_weights: str = "auto", reward_batch: int = 0, decode_batch: int = 0,
+         release_models: str = "auto") -> MemoryPlan:
+    """The memory settings of a run. ``budget``: bytes of the device; ``weights``: bytes of the diffusion
+    model as loaded. ``0`` batches and ``"auto"`` choices pick themselves from the budget:
+
+    * base weights: fp8 (e4m3fn) when the weights as loaded take more than half the budget
+      (:data:`FP8_WHEN_WEIGHTS_OVER`) and are wider than fp8;
+    * decode chunk: as many leaves as a quarter of the budget holds by the VAE's own decode-memory model
+      (at most ``max_batch``);
+    * reward chunk: the reward model's own ``batch_size`` if it has one, else ``max_batch``;
+    * release: on when the weights take more than a quarter of the budget (off on a roomy card, where keeping
+      the VAE and reward models resident saves their reload every iteration)."""
+    if base_weights not in BASE_WEIGHT_CHOICES:
+        raise ValueError(f"BranchGRPO Trainer: base_weights — {base_weights!r} is not one of "
+                         f"{', '.join(BASE_WEIGHT_CHOICES)}.")
+    if release_models not in ("auto", "on", "off"):
+        raise ValueError(f"BranchGRPO Trainer: release_models — {release_models!r} is not auto, on or off.")
+    budget = max(1, int(budget))
+    if base_weights == "auto":
+        base_weights = "fp8_e4m3fn" if weights > FP8_WHEN_WEIGHTS_OVER * budget else "as loaded"
+    if decode_batch <= 0:
+        per_leaf = vae_bytes_per_leaf(vae, latent_shape)
+        decode_batch = max_batch if per_leaf <= 0 else max(1, min(max_batch, (budget // 4) // per_leaf))
+    if reward_batch <= 0:
+        sizes = [int(getattr(r, "batch_size", 0) or 0) for r in (getattr(reward, "rewards", None) or [reward])
+                 if r is not None]
+        sizes = [s for s in sizes if s > 0]
+        reward_batch = min([max_batch] + sizes)
+    release = release_models == "on" or (release_models == "auto" and weights > budget // 4)
+    return MemoryPlan(base_weights=base_weights, decode_batch=int(decode_batch), reward_batch=int(reward_batch),
+                      release_text_encoders=release, release_after_phase=release)
+
+
+# ====================================================================================== prediction
 def block_lists(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
     """The transformer's block lists (the ModuleLists that gradient checkpointing wraps)."""
     return {name: child for name, child in diffusion_model.named_children()
@@ -107,38 +281,24 @@ def lora_param_count(diffusion_model: torch.nn.Module, lora_cfg: LoRAConfig, alg
 
 
 class SamplingCall:
-    """The model call the Trainer makes (``comfy.samplers.sampling_function``, CFG 1), without ComfyUI's model
-    management: on a twin there is nothing to load. The LoRA's weight wrappers are installed as a full load
-    installs them."""
+    """One model call of the Trainer's sampling session (:meth:`ComfyFlowModel.unmanaged_session
+    <nodes.comfy_model.ComfyFlowModel.unmanaged_session>`: ``sampling_function``, CFG 1, no model management, the
+    adapters' weight wrappers installed as a full load installs them), on ``conditioning``. :meth:`close` ends it."""
 
     def __init__(self, model_patcher, conditioning: list, latent_shape: Sequence[int], seed: int = 0):
-        self.mp = model_patcher
-        dm = model_patcher.model.diffusion_model
-        self._restore = []
-        for name, m in dm.named_modules():
-            if hasattr(m, "weight_function"):
-                self._restore.append((m, m.weight_function))
-                m.weight_function = list(model_patcher.weight_wrapper_patches.get(f"diffusion_model.{name}.weight", []))
-        self._restore_patcher = model_patcher.model.current_patcher
-        model_patcher.model.current_patcher = model_patcher
-        self.options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
-        conds = {"positive": comfy.sampler_helpers.convert_cond(conditioning)}
-        zeros = torch.zeros((1, *latent_shape))
-        self.positive = comfy.samplers.process_conds(model_patcher.model, zeros, conds, CPU, zeros, None,
-                                                     seed)["positive"]
-        self.seed = seed
+        self.flow = ComfyFlowModel(model_patcher, latent_shape, conditioning={"probe": conditioning}, guidance=None,
+                                   seed=seed)
+        self._session = self.flow.unmanaged_session()
+        self._session.__enter__()
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        denoised = comfy.samplers.sampling_function(self.mp.model, x, sigma, None, self.positive, 1.0,
-                                                    self.options, self.seed)
-        return (x.float() - denoised.float()) / sigma.float().view((-1,) + (1,) * (x.dim() - 1))
+        return self.flow.velocity(x, sigma, ["probe"], torch.zeros(x.shape[0], dtype=torch.long))
 
     def close(self) -> None:
         """Put back the layers' weight functions (needed when the probe ran on a real model)."""
-        for m, fns in self._restore:
-            m.weight_function = fns
-        self.mp.model.current_patcher = self._restore_patcher
-        self._restore = []
+        if self._session is not None:
+            self._session.__exit__(None, None, None)
+            self._session = None
 
 
 def fake_twin(model_patcher, keep: Sequence[int] | None, mode: FakeTensorMode):
@@ -365,6 +525,27 @@ def budget_message(node: str, run: RunMemory, budget: int) -> str:
             f"{phase.name} ({listing}), over the {budget / gb:.2f} GB available. To fit: " + "; ".join(advice) + ".")
 
 
-__all__ = ["predict_memory", "probe_calls", "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks",
-           "block_lists", "random_conditioning", "SamplingCall", "budget_message", "reward_weight_bytes",
-           "lora_param_count", "text_dims", "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS"]
+def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
+                       num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None,
+                       conditioning=None, algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None):
+    """The run's peak per phase, predicted before iteration 1 with the accounting ``bench.scale`` measures
+    (:func:`predict_memory`: FakeTensor probes of one model call of each kind at the run's
+    shape, weights by dtype, LoRA + AdamW, the trees). ``weights_dtype``: the dtype the base weights will be
+    stored in (fp8), when it differs from the loaded one. ``existing``: a LoRA file to continue (its modules count
+    at their own rank and algorithm)."""
+    run = predict_memory(model, latent_shape, config, lora_cfg, checkpointing=checkpointing,
+                                      num_prompts=num_prompts, text_tokens=TEXT_TOKENS,
+                                      guidance=guidance, vae=vae, decode_batch=decode_batch,
+                                      reward_weights=reward_weight_bytes(rewards),
+                                      conditioning=conditioning, algorithm=algorithm,
+                                      train_bias_norm=train_bias_norm, existing=existing)
+    if weights_dtype is not None:
+        set_weights(run, weight_bytes(model, weights_dtype))
+    return run
+
+
+__all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patchers_of", "ReleaseAfterPhase",
+           "with_base_dtype", "BASE_WEIGHT_CHOICES", "FP8", "predict_run_memory", "predict_memory", "probe_calls",
+           "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks", "block_lists", "random_conditioning",
+           "SamplingCall", "budget_message", "reward_weight_bytes", "lora_param_count", "text_dims",
+           "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS"]
