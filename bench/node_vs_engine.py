@@ -24,43 +24,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench.sandbox import COMFY_DIR, PACK, import_comfy  # noqa: F401 (the tests' entry points)
 from branchgrpo.trainer import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
-PACK = "comfyui_branchgrpo_pack"
-
 PROMPTS = ["red circle", "green square", "blue triangle", "yellow ring"]
-
-
-def import_comfy(cpu: bool = True):
-    """ComfyUI's modules in this process, and the pack imported as ComfyUI imports a custom node (so the
-    top-level ``nodes`` stays ComfyUI's). Returns the pack's ``nodes`` package."""
-    if not (COMFY_DIR / "comfy" / "samplers.py").is_file():
-        raise SystemExit(f"ComfyUI is missing at {COMFY_DIR}: run scripts/setup_dev.sh")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-    if cpu:
-        comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(f"{PACK}.nodes")
 
 
 class CallCounter:

@@ -6,7 +6,7 @@
     .venv/bin/python -m bench.scale --device cuda --blocks 0 ...     # 0 = every block (full depth)
 
 **Runs.** The diffusion model is ComfyUI's own class (``comfy.supported_models`` config -> ``model_base``) with
-the family's real configuration, random weights, and ``--blocks N`` blocks of each block list (so full width fits
+the family's real configuration (``bench.families``), random weights, and ``--blocks N`` blocks of each block list (so full width fits
 a CPU); bf16 weights, or fp8 (e4m3fn) weights computed in bf16 as the stock ``UNETLoader`` gives them. It is
 wrapped in a ``ModelPatcher`` and trained by what the Trainer node runs: ``nodes.comfy_model.ComfyFlowModel``
 (+ LoRA weight wrappers, gradient checkpointing) under ``branchgrpo.trainer.BranchGRPOTrainer``. Conditioning
@@ -15,9 +15,8 @@ runs. Decode and reward are stand-ins in the run (ComfyUI's TAESD decoder with r
 for video; the weight-free colourfulness reward), so their *time* is not the real one; the memory table
 accounts the real ones instead (below).
 
-**Attention.** ComfyUI is imported with PyTorch's attention (``--use-pytorch-cross-attention``: SDPA, what it
-uses on CUDA GPUs), so that the sizes do not depend on the free RAM of the moment (ComfyUI's CPU default chunks
-attention by it).
+**Attention.** ComfyUI is imported by ``bench.sandbox`` with PyTorch's attention (SDPA, what it uses on CUDA GPUs),
+so that the sizes do not depend on the free RAM of the moment (ComfyUI's CPU default chunks attention by it).
 
 **Memory.** On a GPU, ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` per phase. On a CPU, the
 exact bytes held at each phase's peak (``branchgrpo.memory``): parameters and buffers by dtype, LoRA + AdamW
@@ -36,178 +35,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import importlib
-import importlib.util
 import json
-import math
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
-PACK = "comfyui_branchgrpo_pack"
+from bench import sandbox
+from bench.families import (FAMILIES, FULL_DEPTH, build_model, init_weights_, latent_shape,  # noqa: F401
+                            narrowed, parse_resolution, random_cond)
+from bench.sandbox import COMFY_DIR
 
-_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
-         "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
-         "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-         "guidance_embed": True}
-
-
-def _mmdit(depth: int, pos_embed_max_size: int, x_attn: list[int]) -> dict:
-    return {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
-            "adm_in_channels": 2048, "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
-            "context_embedder_config": {"target": "torch.nn.Linear",
-                                        "params": {"in_features": 4096, "out_features": 64 * depth}},
-            "qk_norm": "rms", "pos_embed_scaling_factor": None, "x_block_self_attn_layers": x_attn}
-
-
-def _wan(dim: int, heads: int, ffn: int, layers: int) -> dict:
-    return {"image_model": "wan2.1", "dim": dim, "out_dim": 16, "num_heads": heads, "ffn_dim": ffn,
-            "num_layers": layers, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
-            "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "model_type": "t2v"}
-
-
-# depth_keys: the config keys that set the number of blocks of each block list, in block-list order
-FAMILIES: dict[str, dict] = {
-    "flux-dev": {"unet": _FLUX, "depth_keys": ("depth", "depth_single_blocks"), "video": False, "guidance": 3.5,
-                 "vae": "kl16", "resolution": 1024},
-    "sd35-large": {"unet": _mmdit(38, 192, []), "depth_keys": ("num_blocks",), "video": False, "guidance": None,
-                   "vae": "kl16", "resolution": 1024},
-    "sd35-medium": {"unet": _mmdit(24, 384, list(range(13))), "depth_keys": ("num_blocks",), "video": False,
-                    "guidance": None, "vae": "kl16", "resolution": 1024},
-    "wan21-14b": {"unet": _wan(5120, 40, 13824, 40), "depth_keys": ("num_layers",), "video": True, "guidance": None,
-                  "vae": "wan21", "resolution": (480, 832), "frames": 33},
-    "wan21-1.3b": {"unet": _wan(1536, 12, 8960, 30), "depth_keys": ("num_layers",), "video": True, "guidance": None,
-                   "vae": "wan21", "resolution": (480, 832), "frames": 33},
-}
-FULL_DEPTH = {"flux-dev": (19, 38), "sd35-large": (38,), "sd35-medium": (24,), "wan21-14b": (40,),
-              "wan21-1.3b": (30,)}
-HPS_V21_PARAMS = "ViT-H-14"
 RATIO_PRESETS = ("dancegrpo", "branchgrpo", "branchgrpo-deppru", "branchgrpo-mix")
 
 
-def narrowed(family: str, width: int) -> dict:
-    """The family's configuration at ``width`` channels (head size 128 kept): a fast smoke shape of the same
-    architecture. MMDiT ties its width to its depth (64 per block), so SD3.5 has no narrow form."""
-    unet = copy.deepcopy(FAMILIES[family]["unet"])
-    if width % 128:
-        raise SystemExit(f"--width {width}: must be a multiple of 128 (the head size)")
-    if unet.get("image_model") == "flux":
-        unet.update(hidden_size=width, num_heads=width // 128)
-    elif unet.get("image_model") == "wan2.1":
-        unet.update(dim=width, num_heads=width // 128, ffn_dim=4 * width)
-    else:
-        raise SystemExit(f"--width: {family} sets its width from its depth; only FLUX and Wan have a narrow form")
-    return unet
-
-
 def import_comfy(cpu: bool = True):
-    """ComfyUI's modules in this process and the pack imported as ComfyUI imports a custom node. Returns a
-    namespace with the pack's ``comfy_model`` and ``memory`` modules."""
-    if not (COMFY_DIR / "comfy" / "samplers.py").is_file():
-        raise SystemExit(f"ComfyUI is missing at {COMFY_DIR}: run scripts/setup_dev.sh")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-    if cpu:
-        comfy.cli_args.args.cpu = True
-    # PyTorch's attention (SDPA), as ComfyUI uses on CUDA GPUs. Its CPU default (sub-quadratic chunks sized by
-    # the free RAM of the moment) would make activation sizes depend on the machine's free memory.
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
-    return (importlib.import_module(f"{PACK}.nodes.comfy_model"),
-            importlib.import_module(f"{PACK}.nodes.memory"))
+    """ComfyUI and the pack in this process (:func:`bench.sandbox.import_comfy`); the pack's ``comfy_model`` and
+    ``memory`` modules."""
+    sandbox.import_comfy(cpu)
+    return sandbox.pack_module("comfy_model"), sandbox.pack_module("memory")
 
 
 # ---------------------------------------------------------------------------------------------- shapes
-def latent_shape(family: str, resolution, frames: int) -> tuple[int, ...]:
-    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-    if h % 16 or w % 16:
-        raise SystemExit(f"--resolution {h}x{w}: both sides must be multiples of 16")
-    if FAMILIES[family]["video"]:
-        return (16, (frames - 1) // 4 + 1, h // 8, w // 8)
-    return (16, h // 8, w // 8)
-
-
-def parse_resolution(text: str):
-    if "x" in text:
-        h, w = (int(v) for v in text.lower().split("x"))
-        return (h, w)
-    return int(text)
-
-
 # ---------------------------------------------------------------------------------------------- models
-def model_config(family: str, weight_dtype: str, blocks: int | None):
-    import comfy.model_detection
-    spec = FAMILIES[family]
-    unet = copy.deepcopy(spec["unet"])
-    if blocks:
-        for key in spec["depth_keys"]:
-            unet[key] = blocks
-    mc = comfy.model_detection.model_config_from_unet_config(unet)
-    if mc is None:
-        raise SystemExit(f"ComfyUI 0.3.75 has no model config matching {family}")
-    if weight_dtype == "fp8":
-        mc.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
-    elif weight_dtype == "bf16":
-        mc.set_inference_dtype(torch.bfloat16, None)
-    else:
-        mc.set_inference_dtype(torch.float32, None)
-    return mc
-
-
-@torch.no_grad()
-def init_weights_(module: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights in place (ComfyUI leaves them empty): matrices N(0, 1/fan_in), norm scales 1, the rest
-    N(0, 0.02^2); fp8 tensors are drawn in bf16 and cast."""
-    gens: dict = {}
-    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-        g = gens.get(p.device)
-        if g is None:
-            g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-        if p.is_floating_point() is False or p.numel() == 0:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("scale", "gamma") or (leaf == "weight" and p.dim() == 1):
-            p.fill_(1.0)
-            continue
-        std = 1.0 / math.sqrt(math.prod(p.shape[1:])) if p.dim() >= 2 else 0.02
-        draw_dtype = torch.bfloat16 if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else p.dtype
-        p.copy_(torch.empty(p.shape, dtype=draw_dtype, device=p.device).normal_(0.0, std, generator=g))
-
-
-def build_model(family: str, weight_dtype: str, blocks: int | None, device: torch.device, *, fake: bool = False):
-    """A ModelPatcher over ComfyUI's model of ``family`` (random weights), ``blocks`` per block list (None: full).
-    ``fake``: on the meta device (sizes only)."""
-    import comfy.model_patcher
-    mc = model_config(family, weight_dtype, blocks)
-    with torch.inference_mode(False):
-        if fake:
-            base = mc.get_model({}, device=torch.device("meta"))
-        else:
-            base = mc.get_model({}, device=device)
-            init_weights_(base.diffusion_model)
-            base.diffusion_model.requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
-
-
-def random_cond(memory_probe, mp, tokens: int, guidance, seed: int = 0) -> list:
-    return memory_probe.random_conditioning(mp.model.diffusion_model, tokens, guidance,
-                                            torch.Generator().manual_seed(seed))
-
-
 # ---------------------------------------------------------------------------------------------- VAE / reward
 class StandInDecoder(torch.nn.Module):
     """ComfyUI's TAESD decoder (random weights) for 16-channel latents; video latents decode frame by frame.

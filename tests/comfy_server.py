@@ -28,10 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import procs
+from bench.sandbox import COMFY_DIR, ROOT as REPO_ROOT, VENV_PYTHON  # the one place that finds the sandbox
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", REPO_ROOT / ".comfyui"))
-VENV_PYTHON = Path(os.environ.get("BRANCHGRPO_COMFY_PYTHON", REPO_ROOT / ".venv" / "bin" / "python"))
 PACK_NAME = "ComfyUI-BranchGRPO"
 DEV_PACK_NAME = PACK_NAME + "-dev"
 DEV_PACK_DIR = REPO_ROOT / "tests" / "comfy_dev_pack"

@@ -154,7 +154,7 @@ def build() -> Path:
 
     from playwright.sync_api import sync_playwright
 
-    sys.path.insert(0, str(ROOT / "tests"))  # run as a script
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run as a script
     from browser_helpers import WORKFLOWS_DIR, ComfyPage, launch
     from comfy_server import ComfyServer
     from test_workflows import BUILD_JS

@@ -29,7 +29,7 @@ from branchgrpo.models import diffusers_adapter as da
 from branchgrpo.peft_adapter import PeftAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
+from bench.sandbox import COMFY_DIR  # noqa: E402
 PY = sys.executable
 
 pytestmark = pytest.mark.skipif(not (COMFY_DIR / "comfy" / "lora.py").is_file(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from branchgrpo.peft_adapter import ALGORITHMS, PeftAdapter, effective_weight
 from tiny_flow import MeanBrightness, TinyFlow, decode_to_image
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
+from bench.sandbox import COMFY_DIR  # noqa: E402
 needs_comfy = pytest.mark.skipif(not (COMFY_DIR / "comfy" / "lora.py").is_file(),
                                  reason=".comfyui/ is missing: run scripts/setup_dev.sh")
 

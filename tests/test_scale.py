@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from branchgrpo.memory import (LiveTensors, SavedTensors, cards_fitting, extrapolate_depth,  # noqa: E402
                                planned_tree_bytes, tensor_bytes, tree_bytes)
 
-COMFY_DIR = Path(os.environ.get("BRANCHGRPO_COMFYUI_DIR", ROOT / ".comfyui"))
+from bench.sandbox import COMFY_DIR  # noqa: E402
 needs_comfy = pytest.mark.skipif(not (COMFY_DIR / "comfy" / "samplers.py").is_file(),
                                  reason="ComfyUI is missing (.comfyui/): run scripts/setup_dev.sh")
 
@@ -96,7 +96,8 @@ def test_fake_sizing_equals_the_measured_accounting(comfy_modules):
     """The same blocks (Wan 2.1 1.3B at real width, one block) sized under FakeTensorMode and run for real."""
     scale, cm, mprobe = comfy_modules
     from branchgrpo.lora import LoRAConfig
-    mp = scale.build_model("wan21-1.3b", "bf16", 1, torch.device("cpu"))
+    from bench import families
+    mp = families.build_model("wan21-1.3b", "bf16", 1, torch.device("cpu"))
     kw = dict(rollout_batch=2, train_batch=2, metrics_batch=1, text_tokens=8, guidance=None, count_saved=True)
     lora = LoRAConfig(rank=4, alpha=4.0, targets=("*.q", "*.k", "*.v"))
     for gc in (False, True):

@@ -55,7 +55,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import zlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
@@ -90,45 +89,7 @@ FLUX_NOT_LOADABLE = (
 
 
 # --------------------------------------------------------------------------- initialisation
-def _is_norm_scale(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf in ("gamma", "scale"):
-        return True
-    if leaf == "weight":
-        parts = key.split(".")
-        owner = parts[-2] if len(parts) >= 2 else ""
-        return "norm" in owner or owner.startswith("ln")
-    return False
-
-
-def _is_norm_shift(key: str) -> bool:
-    parts = key.split(".")
-    if parts[-1] != "bias" or len(parts) < 2:
-        return False
-    owner = parts[-2]
-    return "norm" in owner or owner.startswith("ln")
-
-
-def init_tensor(key: str, shape: Tuple[int, ...], seed: int) -> torch.Tensor:
-    """Small deterministic random value for one parameter, chosen by its name: the suite's one initialiser (the
-    stock-loader files here and the tiny models of ``comfy_dev_pack``)."""
-    if _is_norm_scale(key) or key.endswith("vae_scale"):
-        return torch.ones(shape)
-    if _is_norm_shift(key) or key.endswith("vae_shift"):
-        return torch.zeros(shape)
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        std = 0.01
-    elif "pos_embed" in key or "position_embedding" in key or "modulation" == leaf:
-        std = 0.02
-    elif "token_embedding" in key:
-        std = 0.02
-    elif len(shape) >= 2:
-        std = 1.0 / math.sqrt(max(1, math.prod(shape[1:])))
-    else:
-        std = 0.02
-    return torch.randn(shape, generator=gen) * std
+from bench.families import init_tensor  # noqa: E402 (the project's one seeded initialiser)
 
 
 def _materialise(spec: Iterable[Tuple[str, Tuple[int, ...]]], seed: int,

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+
+from bench.families import key_generator
 
 TINY_OPEN_CLIP = "BranchGRPO-tiny-ViT"
 TINY_OPEN_CLIP_CFG = {
@@ -39,7 +40,7 @@ TINY_IMAGE_SIZE = 32
 
 
 def _gen(seed: int, key: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63))
+    return key_generator(seed, key)
 
 
 @torch.no_grad()

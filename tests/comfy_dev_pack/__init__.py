@@ -2,7 +2,7 @@
 
 ``tests/comfy_server.py`` links it into the test server's ``custom_nodes/`` next to the pack, so the tests can
 build every flow family in seconds; a user's install of the pack never has it (it is not under the pack's
-nodes). The random weights come from :func:`tiny_models.init_tensor` (the suite's one initialiser) and the CLIP /
+nodes). The random weights come from :func:`bench.families.init_tensor` (the project's one initialiser) and the CLIP /
 VAE protocol from the product's ``nodes/shims.py``.
 """
 import importlib.util
@@ -12,8 +12,9 @@ import sys
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # through the custom_nodes link
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 CATEGORY = "BranchGRPO/testing"
-if TESTS_DIR not in sys.path:  # tiny_models: the one random initialiser of the suite
-    sys.path.append(TESTS_DIR)
+for _path in (TESTS_DIR, REPO_ROOT):  # tiny_models, and bench.families behind it (the one random initialiser)
+    if _path not in sys.path:
+        sys.path.append(_path)
 
 
 def product_module(relative: str):
