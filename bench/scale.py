@@ -375,7 +375,7 @@ def table_markdown(rows: list[dict]) -> str:
         res = r["resolution"]
         size = f"{res}²" if isinstance(res, int) else f"{res[0]}p×{r['frames']}"
         up = r["phases"]["update"]
-        fits = ", ".join(f"{c}" for c in r["fits_gb"]) + " GB" if r["fits_gb"] else "none of 24/48/80 GB"
+        fits = ", ".join(f"{c}" for c in r["fits_gb"]) + " GiB" if r["fits_gb"] else "none of 24/48/80 GiB"
         out.append(f"| {names[r['family']]} | {size} | {r['weight_dtype']} | {'on' if r['checkpointing'] else 'off'} "
                    f"| {r['max_batch']} / {r['max_train_batch']} | {gib(up['weights']):.1f} | "
                    f"{gib(up['tree']):.2f} | {gib(up['transient']):.1f} | {gib(r['peak_bytes']):.1f} GiB "

@@ -90,14 +90,14 @@ EXPERT_OPTIONS: tuple[Option, ...] = (
     _opt(io.Int, "max_train_batch", 4, "Most parent latents per forward with gradients. Activation memory grows "
          "linearly.", min=1, max=1024),
     _opt(io.Combo, "gradient_checkpointing", "auto", "Recompute activations in the backward pass: far less memory, "
-         "~30% more time. 'auto' = on for models over 1 GB.", options=["auto", "on", "off"]),
-    _opt(io.Float, "memory_budget_gb", 0.0, "Refuse to start if the estimated memory of the run exceeds this "
-         "(0 = the free memory of the device).", min=0.0, max=4096.0, step=0.5),
+         "~30% more time. 'auto' = on for models over 1 GiB.", options=["auto", "on", "off"]),
+    _opt(io.Float, "memory_budget_gb", 0.0, "Refuse to start if the estimated memory of the run exceeds this many "
+         "GiB (0 = the total memory of the device).", min=0.0, max=4096.0, step=0.5),
     _opt(io.Combo, "base_weights", "auto", "How the frozen base weights are stored during training. 'as loaded': "
          "as the MODEL came (a UNETLoader fp8 weight_dtype stays fp8). fp8_e4m3fn / fp8_e5m2: the Linear weights "
          "stored in fp8 (half of bf16), each layer computed in the model's dtype with the LoRA update in that "
          "dtype too. 'auto' = fp8_e4m3fn when the weights take more than half of the memory budget (FLUX.1-dev or "
-         "Wan 14B on a 24 GB card), else as loaded. The input MODEL is not changed.",
+         "Wan 14B on a 24 GiB card), else as loaded. The input MODEL is not changed.",
          options=["auto", "as loaded", "fp8_e4m3fn", "fp8_e5m2"]),
     _opt(io.Combo, "release_models", "auto", "Release the text encoders once the prompts are encoded, the VAE when "
          "the leaves are decoded and each reward model when it has scored them, so that one card holds only the "

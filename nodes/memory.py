@@ -508,7 +508,7 @@ def budget_message(node: str, run: RunMemory, budget: int) -> str:
     gb = 2 ** 30
     phase = run.phase(run.peak_phase)
     parts = sorted(phase.components.items(), key=lambda kv: -kv[1])
-    listing = ", ".join(f"{k} {v / gb:.2f} GB" for k, v in parts if v > 0)
+    listing = ", ".join(f"{k} {v / gb:.2f} GiB" for k, v in parts if v > 0)
     advice = []
     top = {k for k, v in parts[:2]}
     if phase.name == "update" or "transient" in top:
@@ -521,8 +521,8 @@ def budget_message(node: str, run: RunMemory, budget: int) -> str:
     if "lora_and_adamw" in top:
         advice.append("lower lora_rank or narrow lora_targets")
     advice.append("or use a smaller latent (resolution / frames)")
-    return (f"{node}: memory_budget_gb — the run is too large: it needs {run.peak / gb:.2f} GB at the peak of the "
-            f"{phase.name} ({listing}), over the {budget / gb:.2f} GB available. To fit: " + "; ".join(advice) + ".")
+    return (f"{node}: memory_budget_gb — the run is too large: it needs {run.peak / gb:.2f} GiB at the peak of the "
+            f"{phase.name} ({listing}), over the {budget / gb:.2f} GiB available. To fit: " + "; ".join(advice) + ".")
 
 
 def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
