@@ -24,12 +24,14 @@ uninterrupted run would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 log = logging.getLogger("branchgrpo")
@@ -248,141 +250,184 @@ def lora_metadata(cfg, family: str, iteration: int, latent_shape) -> dict[str, s
 
 
 def train(cfg, *, resume_from: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Run the whole training of ``cfg`` (a :class:`~branchgrpo.config_file.RunConfig`). Returns a summary."""
+    """Run the whole training of ``cfg`` (a :class:`~branchgrpo.config_file.RunConfig`). Returns a summary.
+
+    The steps of the Trainer node, on a diffusers model: check what needs no compute (the processes, the device,
+    the family), load the session (pipeline, model, adapter, rewards, prompts encoded), resume, train with the
+    checkpoint and the LoRA written together, report."""
     _offline()
-    import torch
-
-    from .config_file import ConfigError, dump_config, write_text_atomic
-    from .distributed import SingleProcess, TorchDistributed
-    from .lora import LoRAConfig, save_state_dict
-    from .peft_adapter import AdapterError, PeftAdapter
-    from .models import diffusers_adapter as da
-    from .trainer import BranchGRPOTrainer
-
-    world, rank, local_rank = world_from_env()
+    world, _, local_rank = world_from_env()
     check_distributed(cfg, world)
-    da.quiet_libraries()
-    device = resolve_device(cfg.run.device, local_rank)
-    dtype = resolve_dtype(cfg.run.dtype, device)
-    folder = cfg.path(cfg.model.path)
-    try:
-        family = cfg.model.family if cfg.model.family != "auto" else da.detect_family(folder)
-    except da.ModelConfigError as e:
-        raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
-
-    pg_started = False
-    if world > 1:
-        import torch.distributed as tdist
-        if not tdist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            tdist.init_process_group(backend=backend)
-            pg_started = True
-        dist = TorchDistributed(device=device if tdist.get_backend() == "nccl" else torch.device("cpu"))
-    else:
-        dist = SingleProcess()
-    is_main = dist.is_main()
-    try:
-        rewards = build_rewards(cfg, device)
-        t0 = time.perf_counter()
-        try:
-            te_files = {k: cfg.path(v) for k, v in cfg.model.text_encoder_files.items()}
-            pipe = da.load_pipeline(family, folder, transformer_file=cfg.path(cfg.model.transformer_file),
-                                    vae_file=cfg.path(cfg.model.vae_file), text_encoder_files=te_files, dtype=dtype)
-        except da.ModelConfigError as e:
-            raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            m = getattr(pipe, name, None)
-            if isinstance(m, torch.nn.Module):
-                m.requires_grad_(False).eval()
-        transformer = pipe.transformer
-        transformer.eval()
-        transformer.requires_grad_(False)
-        try:
-            model = da.DiffusersFlowModel(
-                pipe, family, width=cfg.model.width, height=cfg.model.height, frames=cfg.model.frames,
-                guidance=cfg.model.guidance, cfg_scale=cfg.model.cfg_scale, negative_prompt=cfg.model.negative_prompt,
-                max_sequence_length=cfg.model.max_sequence_length, device=device, dtype=dtype,
-                move_transformer=not cfg.model.fsdp)
-        except da.ModelConfigError as e:
-            raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
-        lcfg = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
-                          exclude=tuple(cfg.lora.exclude))
-        from .lora import select_linear
-        layout = da.comfy_layout(transformer, family)
-        unmapped = [n for n, _ in select_linear(transformer, lcfg) if n not in layout[0]]
-        if unmapped:
-            raise ConfigError("lora.targets", f"{len(unmapped)} adapted module(s) have no ComfyUI equivalent, so the "
-                                              f"adapter could not load in ComfyUI: {unmapped[:6]}; exclude them "
-                                              "(lora.exclude) or narrow lora.targets")
-        try:
-            lora = PeftAdapter(transformer, lcfg, cfg.lora.algorithm, seed=cfg.trainer.seed, dtype=torch.float32,
-                               layout=layout)
-        except AdapterError as e:
-            raise ConfigError(f"lora.{e.field}", str(e)) from None
-        lora.to(device)
-        if cfg.model.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        if cfg.model.fsdp:
-            da.shard_transformer(transformer, device, ignored=set(lora.parameters()))
-        model.precompute(cfg.prompts)
-        if cfg.model.release_text_encoders:
-            model.release_text_encoders()
-        load_s = time.perf_counter() - t0
-
-        trainer = BranchGRPOTrainer(model, lora, cfg.prompts, rewards, model.decode, cfg.trainer,
-                                    model.latent_shape, device=device,
-                                    dtype=None if dtype == torch.float32 else dtype, dist=dist)
-        ckpt = cfg.checkpoint_path
-        source = resume_from or (ckpt if cfg.run.resume == "auto" and os.path.isfile(ckpt) else None)
-        if source:
-            if not os.path.isfile(source):
-                raise ConfigError("--resume", f"{source} does not exist")
-            state = torch.load(source, map_location="cpu", weights_only=True)
-            _check_resume(cfg, state, lora, source)
-            trainer.load_state_dict(state)
-        resumed_from = trainer.iteration
-        if is_main:  # everything loaded and checked: the run folder comes into being
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            write_text_atomic(os.path.join(cfg.run_dir, "config.toml"),
-                              dump_config(cfg, docs=False, header=f"Resolved config of run {cfg.run.name}"))
-            mode = f"{world} processes ({'FSDP' if cfg.model.fsdp else 'replicated'})" if world > 1 else "1 process"
-            log.info("BranchGRPO %s: %s on %s %s, %s, latent %s, %s %d modules (%s params), %d prompts, "
-                     "%d iterations%s; loaded in %.1fs", cfg.run.name, family, device, str(dtype).split(".")[-1],
-                     mode, tuple(model.latent_shape), cfg.lora.algorithm, len(lora.names),
-                     da.human_count(lora.num_parameters()), len(cfg.prompts),
-                     cfg.trainer.iterations, f", resuming at {resumed_from}" if source else "", load_s)
-        trainer.callbacks.extend(_make_callbacks(cfg, trainer.iteration, is_main))
-
-        def save_all() -> None:
-            trainer.save_checkpoint(ckpt)  # rank 0 writes; every rank waits
-            # DoRA's / OFT's conversion reads the base weights: with FSDP every rank gathers them
-            sd = lora.comfy_state_dict() if is_main or cfg.model.fsdp else None
-            if is_main:
-                save_state_dict(cfg.lora_path, sd, lora_metadata(cfg, family, trainer.iteration, model.latent_shape))
-
+    device, dtype, family = resolve_run(cfg, local_rank)
+    with process_group(world, device) as dist:
+        session = load_session(cfg, family, device, dtype)
+        trainer, resumed_from, source = start_trainer(cfg, session, dist, resume_from)
+        if dist.is_main():  # everything loaded and checked: the run folder comes into being
+            write_run_folder(cfg, session, world, resumed_from if source else None)
+        trainer.callbacks.extend(_make_callbacks(cfg, trainer.iteration, dist.is_main()))
         until = cfg.trainer.iterations if stop_after is None else min(cfg.trainer.iterations, stop_after)
-        every = cfg.trainer.checkpoint_every
-        saved_at = -1
-        while trainer.iteration < until:
-            trainer.step()
-            if every > 0 and trainer.iteration % every == 0:
-                save_all()
-                saved_at = trainer.iteration
-        if saved_at != trainer.iteration:
-            save_all()
+        trainer.train(cfg.checkpoint_path, until, on_save=lambda: save_lora(cfg, session, trainer, dist))
         for cb in trainer.callbacks:
             bar = getattr(cb, "bar", None)
             if bar is not None:
                 bar.close()
-        return {"run_dir": cfg.run_dir, "lora": cfg.lora_path, "checkpoint": ckpt, "family": family,
+        return {"run_dir": cfg.run_dir, "lora": cfg.lora_path, "checkpoint": cfg.checkpoint_path, "family": family,
                 "iterations": trainer.iteration, "resumed_from": resumed_from, "history": trainer.history,
-                "latent_shape": tuple(model.latent_shape), "world_size": world}
+                "latent_shape": tuple(session.model.latent_shape), "world_size": world}
+
+
+def resolve_run(cfg, local_rank: int):
+    """``(device, dtype, family)`` of the run: checked without loading anything."""
+    from .config_file import ConfigError
+    from .models import diffusers_adapter as da
+    da.quiet_libraries()
+    device = resolve_device(cfg.run.device, local_rank)
+    dtype = resolve_dtype(cfg.run.dtype, device)
+    try:
+        family = cfg.model.family if cfg.model.family != "auto" else da.detect_family(cfg.path(cfg.model.path))
+    except da.ModelConfigError as e:
+        raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
+    return device, dtype, family
+
+
+@contextlib.contextmanager
+def process_group(world: int, device):
+    """The run's :mod:`branchgrpo.distributed` backend: one process, or ``torchrun``'s group (started here if no
+    one did, and ended after)."""
+    import torch
+
+    from .distributed import SingleProcess, TorchDistributed
+    if world <= 1:
+        yield SingleProcess()
+        return
+    import torch.distributed as tdist
+    started = False
+    if not tdist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        started = True
+    try:
+        yield TorchDistributed(device=device if tdist.get_backend() == "nccl" else torch.device("cpu"))
     finally:
-        if pg_started:
-            import torch.distributed as tdist
+        if started:
             tdist.destroy_process_group()
+
+
+@dataclass
+class Session:
+    """What a run holds while it trains: the family, the velocity model over the pipeline, the adapter, the
+    rewards, and how long loading took."""
+    family: str
+    model: Any
+    lora: Any
+    rewards: list
+    device: Any
+    dtype: Any
+    load_seconds: float
+
+
+def load_session(cfg, family: str, device, dtype) -> Session:
+    """Load the pipeline, attach the adapter, encode every prompt once (and release the text encoders if asked)."""
+    import torch
+
+    from .config_file import ConfigError
+    from .lora import LoRAConfig, select_linear
+    from .models import diffusers_adapter as da
+    from .peft_adapter import AdapterError, PeftAdapter
+    rewards = build_rewards(cfg, device)
+    t0 = time.perf_counter()
+    try:
+        te_files = {k: cfg.path(v) for k, v in cfg.model.text_encoder_files.items()}
+        pipe = da.load_pipeline(family, cfg.path(cfg.model.path), transformer_file=cfg.path(cfg.model.transformer_file),
+                                vae_file=cfg.path(cfg.model.vae_file), text_encoder_files=te_files, dtype=dtype)
+    except da.ModelConfigError as e:
+        raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        m = getattr(pipe, name, None)
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    transformer = pipe.transformer
+    transformer.eval()
+    transformer.requires_grad_(False)
+    try:
+        model = da.DiffusersFlowModel(
+            pipe, family, width=cfg.model.width, height=cfg.model.height, frames=cfg.model.frames,
+            guidance=cfg.model.guidance, cfg_scale=cfg.model.cfg_scale, negative_prompt=cfg.model.negative_prompt,
+            max_sequence_length=cfg.model.max_sequence_length, device=device, dtype=dtype,
+            move_transformer=not cfg.model.fsdp)
+    except da.ModelConfigError as e:
+        raise ConfigError(e.field, str(e).split(": ", 1)[-1]) from None
+    lcfg = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets),
+                      exclude=tuple(cfg.lora.exclude))
+    layout = da.comfy_layout(transformer, family)
+    unmapped = [n for n, _ in select_linear(transformer, lcfg) if n not in layout[0]]
+    if unmapped:
+        raise ConfigError("lora.targets", f"{len(unmapped)} adapted module(s) have no ComfyUI equivalent, so the "
+                                          f"adapter could not load in ComfyUI: {unmapped[:6]}; exclude them "
+                                          "(lora.exclude) or narrow lora.targets")
+    try:
+        lora = PeftAdapter(transformer, lcfg, cfg.lora.algorithm, seed=cfg.trainer.seed, dtype=torch.float32,
+                           layout=layout)
+    except AdapterError as e:
+        raise ConfigError(f"lora.{e.field}", str(e)) from None
+    lora.to(device)
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if cfg.model.fsdp:
+        da.shard_transformer(transformer, device, ignored=set(lora.parameters()))
+    model.precompute(cfg.prompts)
+    if cfg.model.release_text_encoders:
+        model.release_text_encoders()
+    return Session(family, model, lora, rewards, device, dtype, time.perf_counter() - t0)
+
+
+def start_trainer(cfg, session: Session, dist, resume_from: str | None):
+    """The trainer, resumed from ``resume_from`` or the run's own checkpoint (``run.resume = "auto"``), checked
+    against this config first. Returns ``(trainer, iteration it starts at, the checkpoint resumed or None)``."""
+    import torch
+
+    from .config_file import ConfigError
+    from .trainer import BranchGRPOTrainer
+    model = session.model
+    trainer = BranchGRPOTrainer(model, session.lora, cfg.prompts, session.rewards, model.decode, cfg.trainer,
+                                model.latent_shape, device=session.device,
+                                dtype=None if session.dtype == torch.float32 else session.dtype, dist=dist)
+    ckpt = cfg.checkpoint_path
+    source = resume_from or (ckpt if cfg.run.resume == "auto" and os.path.isfile(ckpt) else None)
+    if source:
+        if not os.path.isfile(source):
+            raise ConfigError("--resume", f"{source} does not exist")
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        _check_resume(cfg, state, session.lora, source)
+        trainer.load_state_dict(state)
+    return trainer, trainer.iteration, source
+
+
+def write_run_folder(cfg, session: Session, world: int, resumed_at: int | None) -> None:
+    """The run folder with its resolved config, and the run's one-line announcement."""
+    from .config_file import dump_config, write_text_atomic
+    from .models import diffusers_adapter as da
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    write_text_atomic(os.path.join(cfg.run_dir, "config.toml"),
+                      dump_config(cfg, docs=False, header=f"Resolved config of run {cfg.run.name}"))
+    mode = f"{world} processes ({'FSDP' if cfg.model.fsdp else 'replicated'})" if world > 1 else "1 process"
+    lora = session.lora
+    log.info("BranchGRPO %s: %s on %s %s, %s, latent %s, %s %d modules (%s params), %d prompts, "
+             "%d iterations%s; loaded in %.1fs", cfg.run.name, session.family, session.device,
+             str(session.dtype).split(".")[-1], mode, tuple(session.model.latent_shape), cfg.lora.algorithm,
+             len(lora.names), da.human_count(lora.num_parameters()), len(cfg.prompts), cfg.trainer.iterations,
+             f", resuming at {resumed_at}" if resumed_at is not None else "", session.load_seconds)
+
+
+def save_lora(cfg, session: Session, trainer, dist) -> None:
+    """The LoRA file beside each checkpoint (the main process writes it)."""
+    from .lora import save_state_dict
+    # DoRA's / OFT's conversion reads the base weights: with FSDP every rank gathers them
+    sd = session.lora.comfy_state_dict() if dist.is_main() or cfg.model.fsdp else None
+    if dist.is_main():
+        save_state_dict(cfg.lora_path, sd, lora_metadata(cfg, session.family, trainer.iteration,
+                                                         session.model.latent_shape))
 
 
 # ------------------------------------------------------------------------------------------ command

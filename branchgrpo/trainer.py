@@ -369,21 +369,32 @@ class BranchGRPOTrainer:
         out["time_metrics"] = time.perf_counter() - t0
         return out
 
-    def train(self, checkpoint_path: str | os.PathLike | None = None,
-              until: int | None = None) -> list[dict[str, float]]:
-        """Run until ``until`` (default ``config.iterations``) completed iterations."""
+    def train(self, checkpoint_path: str | os.PathLike | None = None, until: int | None = None,
+              on_save: Callable[[], None] | None = None) -> list[dict[str, float]]:
+        """Run until ``until`` (default ``config.iterations``) completed iterations, writing the checkpoint every
+        ``checkpoint_every`` iterations and at the end; ``on_save()`` runs after each write (the command line
+        writes its LoRA file there). A temporary left in the checkpoint's folder by a write a crash cut short is
+        removed first."""
         until = self.config.iterations if until is None else until
         every = self.config.checkpoint_every
         if checkpoint_path is not None and self.dist.is_main():
-            # a checkpoint write cut short by a crash leaves its temporary behind, as large as the checkpoint
             for stale in remove_stale_temps(os.path.dirname(os.path.abspath(checkpoint_path))):
                 log.info("removed %s, left by a checkpoint write that did not finish", stale)
+        saved_at = -1
+
+        def save() -> None:
+            nonlocal saved_at
+            self.save_checkpoint(checkpoint_path)
+            if on_save is not None:
+                on_save()
+            saved_at = self.iteration
+
         while self.iteration < until:
             self.step()
             if checkpoint_path is not None and every > 0 and self.iteration % every == 0:
-                self.save_checkpoint(checkpoint_path)
-        if checkpoint_path is not None:
-            self.save_checkpoint(checkpoint_path)
+                save()
+        if checkpoint_path is not None and saved_at != self.iteration:
+            save()
         return self.history
 
     # ------------------------------------------------------------------ checkpoint

@@ -167,3 +167,50 @@ def test_shipped_demo_weights_load_into_the_product_model():
     mean_rgb = img.mean(dim=(1, 2))
     assert torch.all(mean_rgb[:2, 0] > mean_rgb[:2, 1]), mean_rgb  # red circles: more red than green
     assert torch.all(mean_rgb[2:, 1] > mean_rgb[2:, 0]), mean_rgb  # green squares: more green than red
+
+
+def _node_imports() -> dict[str, set[str]]:
+    """``{module of nodes/: the modules of nodes/ it imports}``."""
+    graph = {}
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        mods = set()
+        for _, mod in _imported_modules(path.read_text(encoding="utf-8"), ("nodes",)):
+            parts = mod.split(".")
+            if parts[0] == "nodes" and len(parts) > 1:
+                mods.add(parts[1])
+        graph[path.stem] = mods - {path.stem}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(n, stack):
+        state[n] = 1
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack + [n, m]
+            if m not in state:
+                found = visit(m, stack + [n])
+                if found:
+                    return found
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n, [])
+            if found:
+                return found
+    return None
+
+
+def test_the_trainers_path_through_nodes_never_climbs_back_up():
+    """The node modules import each other without a cycle, and what the Trainer calls (memory, the ComfyUI model,
+    the adapters, model management) never imports the Trainer: a MODEL followed from ``execute`` goes down."""
+    graph = _node_imports()
+    assert {"memory", "comfy_model", "adapters"} <= graph["trainer"]
+    assert _cycle({"a": {"b"}, "b": {"a"}}) is not None  # the check can fail
+    assert _cycle(graph) is None, _cycle(graph)
+    for low in ("memory", "comfy_model", "adapters", "model_management", "shims"):
+        assert "trainer" not in graph[low], low
