@@ -12,7 +12,6 @@ Tiny random-weight models; needs scripts/setup_dev.sh (skipped when .comfyui/ is
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tomllib
@@ -29,6 +28,7 @@ from branchgrpo.models import diffusers_adapter as da
 from branchgrpo.peft_adapter import PeftAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
+from bench import sandbox  # noqa: E402
 from bench.sandbox import COMFY_DIR  # noqa: E402
 PY = sys.executable
 
@@ -39,10 +39,7 @@ pytestmark = pytest.mark.skipif(not (COMFY_DIR / "comfy" / "lora.py").is_file(),
 @pytest.fixture(scope="module")
 def comfy():
     """ComfyUI's modules imported in this process (CPU)."""
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    sandbox.import_comfy()
     import comfy.lora
     import comfy.model_detection
     import comfy.model_patcher
@@ -197,16 +194,10 @@ def test_wan_single_file_and_lora_keys_load_in_comfyui(comfy, tiny, tmp_path):
 
 # ----------------------------------------------------------------------------------- the export node
 def _pack_nodes():
-    """The pack imported as a package (as ComfyUI imports custom nodes), so `nodes` stays ComfyUI's."""
-    name = "comfyui_branchgrpo_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(f"{name}.nodes.export_config"), importlib.import_module(f"{name}.nodes.settings"), \
-        importlib.import_module(f"{name}.nodes.rewards"), importlib.import_module(f"{name}.nodes")
+    """The pack imported as ComfyUI imports custom nodes (:func:`bench.sandbox.import_comfy`)."""
+    nodes = sandbox.import_comfy()
+    return (sandbox.pack_module("export_config"), sandbox.pack_module("settings"), sandbox.pack_module("rewards"),
+            nodes)
 
 
 def test_export_node_config_trains_headless(comfy, tiny, tmp_path):

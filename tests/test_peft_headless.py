@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ from branchgrpo.peft_adapter import ALGORITHMS, PeftAdapter, effective_weight
 from tiny_flow import MeanBrightness, TinyFlow, decode_to_image
 
 ROOT = Path(__file__).resolve().parents[1]
+from bench import sandbox  # noqa: E402
 from bench.sandbox import COMFY_DIR  # noqa: E402
 needs_comfy = pytest.mark.skipif(not (COMFY_DIR / "comfy" / "lora.py").is_file(),
                                  reason=".comfyui/ is missing: run scripts/setup_dev.sh")
@@ -44,10 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def comfy():
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    sandbox.import_comfy()
     import comfy.lora
     import comfy.model_detection
     import comfy.model_patcher
