@@ -49,10 +49,11 @@ from branchgrpo.memory import (LiveTensors, RunMemory, SavedTensors, extrapolate
 from branchgrpo.trainer import Callback, TrainerConfig
 
 from .adapters import count_trainable
-from .comfy_model import ComfyFlowModel, attach_lora, gradient_checkpointing
+from .comfy_model import ComfyFlowModel, attach_lora, encode_prompt, gradient_checkpointing, model_family
 from .model_management import is_loaded, need, patchers_of, release
 
 log = logging.getLogger("BranchGRPO")
+NODE = "BranchGRPO Trainer"
 CPU = torch.device("cpu")
 TEXT_TOKENS = 512
 """Text tokens assumed per prompt when the conditioning is not encoded yet (T5-XXL / umT5 at their longest)."""
@@ -544,8 +545,46 @@ def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoR
     return run
 
 
+# ==================================================================================== the run's plan
+def plan_memory(request, model, clip, vae, reward) -> "RunPlan":
+    """The Trainer's second step: the memory policy and the run's predicted peak for ``request``
+    (:class:`nodes.run_request.RunRequest`); a run over the budget is refused before compute."""
+    s = request.settings
+    budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
+              else comfy.model_management.get_total_memory(model.load_device))
+    policy = plan(budget=budget, weights=model.model_size(), latent_shape=request.latent_shape,
+                                max_batch=s.max_batch, vae=vae, reward=reward, base_weights=s.base_weights,
+                                release_models=s.release_models)
+    try:
+        run_memory = predict_run_memory(
+            model, request.latent_shape, request.config, request.lora_cfg, checkpointing=request.checkpointing,
+            num_prompts=len(request.prompts) + len(request.eval_prompts), guidance=s.flux_guidance, vae=vae,
+            rewards=request.rewards, decode_batch=policy.decode_batch,
+            weights_dtype=FP8.get(policy.base_weights),
+            conditioning=encode_prompt(clip, request.prompts[0], s.flux_guidance), algorithm=request.algorithm,
+            train_bias_norm=request.train_bias_norm, existing=request.existing)
+    except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
+        log.warning("BranchGRPO %s: the memory prediction is unavailable for this %s model (%s: %s); the run "
+                    "is not checked against the budget.", request.run_name, model_family(model), type(e).__name__, e)
+        run_memory = None
+    if run_memory is not None and run_memory.peak > budget:
+        raise ValueError(budget_message(NODE, run_memory, int(budget)))
+    predicted = run_memory.summary() if run_memory is not None else f"unavailable for {model_family(model)}"
+    info = (f"predicted memory: {predicted}; gradient checkpointing {'on' if request.checkpointing else 'off'}; "
+            f"{policy.describe()}")
+    log.info("BranchGRPO %s: %s", request.run_name, info)
+    return RunPlan(policy, run_memory, info)
+
+
+@dataclass
+class RunPlan:
+    policy: object  # nodes.memory.MemoryPlan
+    run_memory: object  # the prediction (None where the probe cannot trace the model)
+    info: str
+
+
 __all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patchers_of", "ReleaseAfterPhase",
            "with_base_dtype", "BASE_WEIGHT_CHOICES", "FP8", "predict_run_memory", "predict_memory", "probe_calls",
            "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks", "block_lists", "random_conditioning",
            "SamplingCall", "budget_message", "reward_weight_bytes", "lora_param_count", "text_dims",
-           "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS"]
+           "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS", "plan_memory", "RunPlan"]
