@@ -203,6 +203,9 @@ class BranchGRPOTrainer:
         self.history: list[dict[str, float]] = []
         self.last_tree: Tree | None = None
         self.last_rewards: torch.Tensor | None = None
+        self.phase = "start"
+        """The phase running now: ``rollout``, ``decode``, ``reward``, ``update`` or ``metrics`` (what an
+        out-of-memory report names)."""
 
     # ------------------------------------------------------------------ helpers
     def _hook(self, phase: str, done: int, total: int) -> None:
@@ -246,11 +249,13 @@ class BranchGRPOTrainer:
         n = x0.shape[0]
         db = max(1, int(self.decode_batch or self.config.max_batch))
         # decoded leaves wait in host memory (a video tree's frames would crowd the card) until they are scored
+        self.phase = "decode"
         images = torch.cat([self.decode(x0[start:start + db]).cpu() for start in range(0, n, db)])
         self._phase_end("decode")
         rb = max(1, int(self.reward_batch or self.config.max_batch))
         scores = []
         for k, fn in enumerate(self.rewards):
+            self.phase = "reward"
             scores.append(torch.cat([torch.as_tensor(fn(images[start:start + rb], prompts[start:start + rb]))
                                      .float().flatten().cpu() for start in range(0, n, rb)]))
             self._phase_end("reward", k)
@@ -274,6 +279,7 @@ class BranchGRPOTrainer:
             one = torch.randn((1, *self.latent_shape), generator=g0)
             init_noise = one.expand(len(prompts) * sched.group_size, *self.latent_shape).contiguous()
         t0 = time.perf_counter()
+        self.phase = "rollout"
         cond = self.model.encode(prompts)
         sample_old = self.old_policy is not None and 0 <= obj.sample_with_old_after <= it
         with (self.old_policy.active() if sample_old else nullcontext()):
@@ -292,6 +298,7 @@ class BranchGRPOTrainer:
         if dist.world_size > 1:
             batch_rewards = torch.stack([dist.all_gather_cat(r) for r in rewards])
         adv = compute_advantages(tree, rewards, cfg.advantage, weights, batch_rewards)
+        self.phase = "update"
         if obj.forward_process:
             edges = tree.leaves  # the clean samples are what a forward-process objective trains on
             upd = forward_update(self.model, cond, tree.leaf_x0, tree.tree[edges], adv[edges], tree.tree[edges],
@@ -332,6 +339,7 @@ class BranchGRPOTrainer:
         # reward spread within trees, before normalisation (trees are contiguous blocks of leaves)
         groups = tree.leaf_tree() if dist.world_size == 1 else torch.arange(combined.numel()) // sched.num_leaves()
         metrics["reward_spread"] = reward_spread(combined, groups)
+        self.phase = "metrics"
         metrics.update(self._monitor(cond, tree, edges, sched))
         if dist.world_size > 1:  # counts summed over ranks; the loss and ratios stay this rank's
             for key in ("leaves", "edges_total", "nfe_rollout", "nfe_train", "edges_trained", "nfe_metrics"):

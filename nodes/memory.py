@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -545,6 +546,52 @@ def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoR
     return run
 
 
+# ===================================================================================== out of memory
+#: What lowers each phase's peak (Trainer / Trainer Settings inputs), for the out-of-memory message.
+PHASE_ADVICE = {
+    "rollout": "lower max_batch (latents per model call), prompts_per_iteration or the latent's size, or store the "
+               "base in fp8 (base_weights)",
+    "decode": "lower max_batch (the leaves are decoded in chunks of at most max_batch) or set release_models on",
+    "reward": "lower max_batch (the leaves are scored in chunks of at most max_batch), load the reward model in "
+              "fp16 / bf16, or set release_models on",
+    "update": "turn gradient_checkpointing on, lower max_train_batch or lora_rank, or store the base in fp8 "
+              "(base_weights)",
+    "metrics": "hold fewer prompts out for evaluation (Prompts node) or lower max_batch",
+}
+
+
+def release_after_out_of_memory(models, vae, rewards) -> None:
+    """After an out-of-memory error: unload what the run loaded (its diffusion model patchers, the VAE, the reward
+    models) and return the allocator's cache, so the server and the next queued prompt have the memory again."""
+    import gc
+
+    import comfy.model_management as mm
+    release([*models, *patchers_of(vae), *[p for r in rewards for p in patchers_of(r)]])
+    gc.collect()
+    mm.soft_empty_cache()
+
+
+def out_of_memory_message(node: str, phase: str, iteration: int, error: str, run_memory, device, ckpt: str) -> str:
+    """Where a run ran out of memory, against what was predicted and what the device has, what was kept, and the
+    settings that lower that phase's peak."""
+    import comfy.model_management as mm
+    gb = 2 ** 30
+    try:
+        predicted = f"{run_memory.phase(phase).total / gb:.2f} GiB predicted for it" if run_memory is not None \
+            else "no prediction for this model"
+    except KeyError:
+        predicted = f"{run_memory.peak / gb:.2f} GiB predicted at the run's peak"
+    try:
+        free, total = mm.get_free_memory(device) / gb, mm.get_total_memory(device) / gb
+        room = f"{free:.2f} GiB free of {total:.2f} GiB on {device} now"
+    except Exception:  # noqa: BLE001 - a device model management cannot measure
+        room = f"the free memory of {device} unknown"
+    kept = (f"The checkpoint of iteration {iteration} is kept in {ckpt}: queue again with resume on to go on from "
+            "there" if iteration > 0 and os.path.exists(ckpt) else "No iteration had finished, so nothing was saved")
+    return (f"{node}: out of memory in the {phase} of iteration {iteration + 1} ({predicted}; {room}). {kept}. To "
+            f"fit: {PHASE_ADVICE.get(phase, 'lower max_batch and max_train_batch')}. ({error})")
+
+
 # ==================================================================================== the run's plan
 def plan_memory(request, model, clip, vae, reward) -> "RunPlan":
     """The Trainer's second step: the memory policy and the run's predicted peak for ``request``
@@ -587,4 +634,5 @@ __all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patche
            "with_base_dtype", "BASE_WEIGHT_CHOICES", "FP8", "predict_run_memory", "predict_memory", "probe_calls",
            "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks", "block_lists", "random_conditioning",
            "SamplingCall", "budget_message", "reward_weight_bytes", "lora_param_count", "text_dims",
-           "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS", "plan_memory", "RunPlan"]
+           "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS", "plan_memory", "RunPlan", "out_of_memory_message",
+           "release_after_out_of_memory", "PHASE_ADVICE"]

@@ -231,8 +231,17 @@ def train_session(request: RunRequest, plan: memory.RunPlan, model, clip, vae) -
         trainer.decode_batch, trainer.reward_batch = policy.decode_batch, policy.reward_batch
         if policy.release_after_phase:
             trainer.callbacks.append(memory.ReleaseAfterPhase(vae, request.rewards))
+        oom = None
         with flow.session(s.max_batch), checkpointing_blocks(mp, request.checkpointing):
-            trainer.train(checkpoint_path=ckpt)
+            try:
+                trainer.train(checkpoint_path=ckpt)
+            except torch.OutOfMemoryError as e:  # CUDA's, and any device's: the session below is let go first
+                oom = (trainer.phase, trainer.iteration, (str(e).strip().splitlines() or [""])[0][:300])
+        if oom is not None:  # the exception (and the tensors its frames held) is gone: free, then explain
+            memory.release_after_out_of_memory([mp, base], vae, request.rewards)
+            del trainer, flow, lora, mp, base, decode
+            memory.release_after_out_of_memory([], None, [])  # what the run's own objects held
+            raise ValueError(memory.out_of_memory_message(NODE, *oom, plan.run_memory, model.load_device, ckpt))
         for p in lora.parameters():
             p.requires_grad_(False)
         return Trained(trainer, lora, LoraStateDict(lora.comfy_state_dict()), resumed_from)

@@ -37,8 +37,9 @@ else:
     class DevExtension(ComfyExtension):
         async def get_node_list(self):
             from .families import FAMILY_NODES
+            from .oom import OutOfMemoryInjectorNode
             from .tiny_flux import TinyFlowModelLoaderNode
-            return [TinyFlowModelLoaderNode, *FAMILY_NODES]
+            return [TinyFlowModelLoaderNode, *FAMILY_NODES, OutOfMemoryInjectorNode]
 
     async def comfy_entrypoint() -> DevExtension:
         return DevExtension()
