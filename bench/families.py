@@ -65,6 +65,31 @@ def init_tensor(key: str, shape: tuple[int, ...], seed: int, *, device=None, dty
     return torch.randn(shape, generator=key_generator(seed, key, device), **kw) * std
 
 
+# ---------------------------------------------------------------------------------------------- cores
+#: Keys that newer cores' model classes require and their detection fills in (``comfy/model_detection.py``), with
+#: the value it gives the models built here (FLUX.1 / HunyuanVideo without the newer variants' extras).
+NEWER_CORE_DEFAULTS = {"txt_ids_dims": [], "meanflow_sum": False, "vec_in_dim": None, "use_x0": False,
+                       "use_sequential_txt_ids": False}
+
+
+def build_with_core_defaults(make, unet_config: dict):
+    """``make(config)`` for a ``unet_config`` written for ComfyUI 0.3.75; on a core whose model class requires a
+    key that config predates, the key gets its detection default (feature-detected: the build is tried)."""
+    cfg = dict(unet_config)
+    for _ in range(len(NEWER_CORE_DEFAULTS) + 1):
+        try:
+            return make(cfg)
+        except TypeError as e:
+            import re
+            text = str(e)
+            names = re.findall(r"'(\w+)'", text.split("missing", 1)[1]) if "required positional argument" in text \
+                else []
+            if not names or any(n not in NEWER_CORE_DEFAULTS or n in cfg for n in names):
+                raise
+            cfg.update({n: NEWER_CORE_DEFAULTS[n] for n in names})
+    return make(cfg)
+
+
 # ---------------------------------------------------------------------------------------------- families
 _FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
          "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
@@ -165,6 +190,12 @@ def init_weights_(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(init_tensor(name, tuple(p.shape), seed, device=p.device, dtype=draw))
 
 
+def _config_with(mc, unet_config: dict):
+    """``mc`` with ``unet_config`` (keys a newer core requires added)."""
+    mc.unet_config = dict(unet_config)
+    return mc
+
+
 def build_model(family: str, weight_dtype: str, blocks: int | None, device: torch.device, *, fake: bool = False):
     """A ModelPatcher over ComfyUI's model of ``family`` (random weights), ``blocks`` per block list (None: full).
     ``fake``: on the meta device (sizes only)."""
@@ -172,9 +203,11 @@ def build_model(family: str, weight_dtype: str, blocks: int | None, device: torc
     mc = model_config(family, weight_dtype, blocks)
     with torch.inference_mode(False):
         if fake:
-            base = mc.get_model({}, device=torch.device("meta"))
+            base = build_with_core_defaults(lambda cfg: _config_with(mc, cfg).get_model({}, device=torch.device("meta")),
+                                            mc.unet_config)
         else:
-            base = mc.get_model({}, device=device)
+            base = build_with_core_defaults(lambda cfg: _config_with(mc, cfg).get_model({}, device=device),
+                                            mc.unet_config)
             init_weights_(base.diffusion_model)
             base.diffusion_model.requires_grad_(False)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))

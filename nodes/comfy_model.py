@@ -194,6 +194,24 @@ def encode_prompt(clip, text: str, guidance: float | None) -> list:
     return cond
 
 
+@contextlib.contextmanager
+def training_mode():
+    """ComfyUI's own training switch (``comfy.model_management.in_training``, what its trainer sets around its
+    loop) on while the pack's session runs: cores of 2026 then compute RoPE and quantized layers with torch ops
+    that have a backward instead of comfy-kitchen's fused kernels (ComfyUI 0.33.0: "Trying to backward through
+    comfy_kitchen.apply_rope"), and the rollout uses the same ops as the update. Feature-detected: cores without
+    the switch (0.3.75) have no such kernels."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
+
+
 class ComfyFlowModel:
     """:class:`branchgrpo.models.base.VelocityModel` over a ModelPatcher (use inside :meth:`session`)."""
 
@@ -257,6 +275,8 @@ class ComfyFlowModel:
         device = mp.load_device
         comfy.samplers.cast_to_load_options(self.model_options, device=device, dtype=mp.model_dtype())
         mp.pre_run()
+        switch = training_mode()
+        switch.__enter__()
         try:
             self.real_model, self.device = real_model, device
             zeros = torch.zeros((1, *self.latent_shape), device=device)
@@ -265,6 +285,7 @@ class ComfyFlowModel:
                                                                   zeros, None, self.seed)
             yield self
         finally:
+            switch.__exit__(None, None, None)
             mp.cleanup()
             comfy.sampler_helpers.cleanup_models(all_conds, self._loaded)
             comfy.samplers.cast_to_load_options(self.model_options, device=mp.offload_device)
@@ -287,6 +308,8 @@ class ComfyFlowModel:
         mp.model.current_patcher = mp
         self.model_options = comfy.model_patcher.create_model_options_clone(mp.model_options)
         self._unmanaged = True
+        switch = training_mode()
+        switch.__enter__()
         try:
             cpu = torch.device("cpu")
             self.real_model, self.device = mp.model, cpu
@@ -296,6 +319,7 @@ class ComfyFlowModel:
                                                                   None, self.seed)
             yield self
         finally:
+            switch.__exit__(None, None, None)
             for m, fns in restore:
                 m.weight_function = fns
             mp.model.current_patcher = previous

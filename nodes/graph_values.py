@@ -2,9 +2,10 @@
 
 A Save LoRA whose ``filename`` comes through a link (a String primitive, a Concatenate of literals) must be
 refused before hours of training, as a literal name is. ComfyUI executes nothing before the Trainer, so the
-value is worked out here: a literal is itself; a link to a node of ComfyUI's primitive or string categories
-(``utils/primitive``, ``utils/string``: pure functions of their inputs, cheap) whose own inputs are all known is
-that node run on them. Anything else (a model loader, a custom node) is :data:`UNKNOWN`.
+value is worked out here: a literal is itself; a link to one of ComfyUI's primitive or string nodes (the modules
+``comfy_extras.nodes_primitive`` and ``comfy_extras.nodes_string``: pure functions of their inputs, cheap; their
+menu categories were renamed in 2026, their modules were not) whose own inputs are all known is that node run on
+them. Anything else (a model loader, a custom node) is :data:`UNKNOWN`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 log = logging.getLogger("BranchGRPO")
 
 UNKNOWN = object()
-PURE_CATEGORIES = ("utils/primitive", "utils/string")
+PURE_MODULES = ("comfy_extras.nodes_primitive", "comfy_extras.nodes_string")
 MAX_DEPTH = 16
 
 
@@ -25,13 +26,10 @@ def _node_class(class_type: str):
     return getattr(comfy_nodes, "NODE_CLASS_MAPPINGS", {}).get(class_type)
 
 
-def _category(cls) -> str:
-    try:
-        if hasattr(cls, "define_schema"):  # V3 node
-            return str(cls.define_schema().category or "")
-        return str(getattr(cls, "CATEGORY", "") or "")
-    except Exception:  # noqa: BLE001 - a node whose schema cannot be read is not known to be pure
-        return ""
+def _is_pure(cls) -> bool:
+    # the module is named "comfy_extras.nodes_string" (0.3.75) or by its path, ".../comfy_extras/nodes_string" (0.33)
+    module = str(getattr(cls, "__module__", "")).replace("\\", ".").replace("/", ".").removesuffix(".py")
+    return module.endswith(PURE_MODULES)
 
 
 def _run_pure(cls, inputs: dict, index: int):
@@ -56,7 +54,7 @@ def known_value(prompt: dict, value, depth: int = 0):
     if not isinstance(node, dict):
         return UNKNOWN
     cls = _node_class(node.get("class_type", ""))
-    if cls is None or not _category(cls).startswith(PURE_CATEGORIES):
+    if cls is None or not _is_pure(cls):
         return UNKNOWN
     inputs = {}
     for name, v in (node.get("inputs") or {}).items():

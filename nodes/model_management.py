@@ -1,7 +1,7 @@
 """ComfyUI's model management as the pack uses it: is a model loaded, unload some, which patchers an object has.
 
-ComfyUI internals used here (0.3.75): ``comfy.model_management.current_loaded_models`` and
-``LoadedModel.model_unload`` (the unloading ``free_memory`` does).
+ComfyUI internals used here (0.3.75 to 0.33.0): ``comfy.model_management.current_loaded_models`` (read, never
+edited), ``LoadedModel.model`` / ``.device`` and ``free_memory(memory_required, device, keep_loaded)``.
 """
 from __future__ import annotations
 
@@ -25,20 +25,19 @@ def is_loaded(patcher) -> bool:
 
 
 def release(patchers: Iterable) -> int:
-    """Unload these ModelPatchers from model management (weights back to their offload device), as
-    ``free_memory`` unloads a model; others stay. Returns how many were unloaded."""
+    """Unload these ModelPatchers from model management (weights back to their offload device); others stay.
+    Done by model management itself: ``free_memory`` on each of their devices, keeping every other loaded model.
+    Returns how many were unloaded."""
     targets = {id(p) for p in patchers if p is not None}
-    loaded = need("current_loaded_models")
-    n = 0
-    for i in range(len(loaded) - 1, -1, -1):
-        lm = loaded[i]
-        if id(lm.model) in targets:
-            lm.model_unload()
-            loaded.pop(i)
-            n += 1
-    if n:
-        mm.soft_empty_cache()
-    return n
+    loaded = list(need("current_loaded_models"))
+    hits = [lm for lm in loaded if id(lm.model) in targets]
+    if not hits:
+        return 0
+    keep = [lm for lm in loaded if id(lm.model) not in targets]
+    for device in {lm.device for lm in hits}:
+        need("free_memory")(1e30, device, keep_loaded=keep)
+    mm.soft_empty_cache()
+    return len(hits)
 
 
 def patchers_of(obj) -> list:

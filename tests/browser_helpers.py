@@ -35,6 +35,9 @@ KNOWN_NOISE = [
     (re.compile(r"^Connecting to 'https://api\.comfy\.org/.*Content Security Policy"), None),
     # the setting store's onChange on a setting id the frontend never registered (GraphView load)
     (re.compile(r"^TypeError: Cannot read properties of undefined \(reading 'id'\)\s+at onChange "), None),
+    # frontend 1.49.6 (ComfyUI 0.33.0) reads its own app.rootGraph while it starts, with or without this pack
+    # (seen on a bare server)
+    (re.compile(r"^ComfyApp graph accessed before initialization$"), re.compile(r"/assets/settingStore-")),
 ]
 
 

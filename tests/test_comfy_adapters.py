@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import tiny_models as tm
 from bench import node_vs_engine as nve
-from comfy_server import ComfyExecutionError
+from comfy_server import ComfyExecutionError, ComfyQueueError
 from test_comfy_families import (_log_since, _log_size, family_nodes, lora_path, metrics_of, predict_nodes,
                                  read_latent, training_graph)
 
@@ -69,6 +69,8 @@ def _train_and_check(comfy, comfy_base, models, tag, *, family="flux", iteration
              **predict_nodes(f"{tag}_native", ["native", 0]),
              "native_save": {"class_type": "SaveLoRA", "inputs": {"lora": ["trainer", 1],
                                                                   "prefix": f"native_lora/{tag}"}}}
+    if "bypass" in (comfy.object_info()["LoraModelLoader"]["input"].get("required") or {}):  # ComfyUI 0.2x on
+        extra["native"]["inputs"]["bypass"] = False
     entry = comfy.run(_graph(models, tag, family=family, iterations=iterations, extra=extra, **kw), timeout=600)
     assert entry["status"]["status_str"] == "success"
     log1 = _log_size(comfy)
@@ -186,10 +188,16 @@ def test_bad_adapter_inputs_are_refused_before_any_compute(comfy, comfy_base, mo
                                 "ad_shape")
     assert "continue_lora" in msg and "does not fit" in msg and "another model" in msg, msg
 
-    # a name not in models/loras (an API graph, or a file deleted since the page listed it)
-    msg = _fails_before_compute(comfy, _graph(models, "missing", continue_lora="branchgrpo/no_such_file.safetensors"),
-                                "ad_missing")
-    assert "continue_lora" in msg and "no_such_file" in msg and "is not a file in" in msg, msg
+    # a name not in models/loras (an API graph, or a file deleted since the page listed it): the Trainer names the
+    # folders (ComfyUI 0.3.75), or the core refuses it at queue time as a value not in the list (0.33.0)
+    try:
+        msg = _fails_before_compute(comfy, _graph(models, "missing",
+                                                  continue_lora="branchgrpo/no_such_file.safetensors"), "ad_missing")
+        assert "continue_lora" in msg and "no_such_file" in msg and "is not a file in" in msg, msg
+    except ComfyQueueError as e:
+        errors = e.node_errors["trainer"]["errors"]
+        assert errors[0]["type"] == "value_not_in_list" and errors[0]["extra_info"]["input_name"] == "continue_lora"
+        assert not metrics_of(comfy, "ad_missing")
 
 
 # ---------------------------------------------------------------------------------------------------- in-process

@@ -145,14 +145,16 @@ async function fetchRun(run, force = false) {
 }
 
 // ------------------------------------------------------------------ node <-> run
+/** The key of a node in its root graph; null for a node not in a graph yet (then nothing is remembered: reading
+ *  app.graph before the app is set up is an error in newer frontends). */
 function graphKey(node) {
-  const g = node.graph?.rootGraph ?? node.graph ?? app.graph;
-  return `${g?.id ?? ""}/${node.id}`;
+  const g = node.graph?.rootGraph ?? node.graph;
+  return g ? `${g.id ?? ""}/${node.id}` : null;
 }
 
 function rememberNodeRun(node, run) {
   const ls = storage();
-  if (!ls) return;
+  if (!ls || graphKey(node) == null) return;
   try {
     const map = JSON.parse(ls.getItem(NODE_KEY) ?? "{}") || {};
     map[graphKey(node)] = run;
@@ -163,7 +165,9 @@ function rememberNodeRun(node, run) {
 }
 
 function rememberedNodeRun(node) {
-  try { return JSON.parse(storage()?.getItem(NODE_KEY) ?? "{}")?.[graphKey(node)] ?? null; } catch { return null; }
+  const key = graphKey(node);
+  if (key == null) return null;
+  try { return JSON.parse(storage()?.getItem(NODE_KEY) ?? "{}")?.[key] ?? null; } catch { return null; }
 }
 
 /** The run a Trainer node shows: its run_name widget, unless that input is linked (then the run of the

@@ -29,6 +29,7 @@ from comfy_api.latest import io
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
+from bench.families import build_with_core_defaults
 from tiny_models import init_tensor
 
 from . import CATEGORY, product_module
@@ -130,10 +131,13 @@ def build_family_model(family: str, seed: int = 0):
     if config_cls is None:
         raise ValueError(f"Tiny Family Model: family — this ComfyUI has no comfy.supported_models.{config_name} "
                          "(the pack's tiny families follow ComfyUI 0.3.75).")
-    model_config = config_cls(dict(unet_config))
-    model_config.set_inference_dtype(torch.float32, None)
+    def make(cfg):
+        model_config = config_cls(cfg)
+        model_config.set_inference_dtype(torch.float32, None)
+        return model_config.get_model({})
+
     with torch.inference_mode(False):
-        base = model_config.get_model({})
+        base = build_with_core_defaults(make, unet_config)
         dm = base.diffusion_model
         sd = {k: init_tensor(k, tuple(v.shape), seed) for k, v in dm.state_dict().items()}
         dm.load_state_dict(sd, strict=True)

@@ -25,6 +25,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+from bench.families import build_with_core_defaults
 from tiny_models import init_tensor
 
 from . import CATEGORY
@@ -54,10 +55,13 @@ def build_tiny_model(family: str, seed: int, weights_path: str | None = None):
     ``diffusion_model.`` / ``model.diffusion_model.`` prefix)."""
     if family not in TINY_CONFIGS:
         raise ValueError(f"{NODE}: family — {family!r} is not one of {sorted(TINY_CONFIGS)}.")
-    model_config = comfy.model_detection.model_config_from_unet_config(dict(TINY_CONFIGS[family]))
-    model_config.set_inference_dtype(torch.float32, None)
+    def make(cfg):
+        model_config = comfy.model_detection.model_config_from_unet_config(cfg)
+        model_config.set_inference_dtype(torch.float32, None)
+        return model_config.get_model({})
+
     with torch.inference_mode(False):
-        base = model_config.get_model({})
+        base = build_with_core_defaults(make, TINY_CONFIGS[family])
         dm = base.diffusion_model
         expected = dm.state_dict()
         if weights_path:
