@@ -209,37 +209,46 @@ class AdapterSwitch:
         return self.module.passive_memory_usage()
 
 
-ALGORITHM_OF_KIND = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
-
-
-def _module_rank(m: torch.nn.Module, kind: str):
-    """The number ``lora_rank`` stands for in a module of ``kind``: LoRA / LoHa the inner dimension, OFT the block
-    size, LoKr the first Kronecker factor's rows (the factor, where it divides the width)."""
-    if kind == "lora":
-        return int(m.lora_down.weight.shape[0])
-    if kind == "loha":
-        return int(m.hada_w1_b.shape[0])
-    if kind == "oft":
-        return int(m.oft_blocks.shape[-1])
-    if kind == "lokr":
-        w1 = getattr(m, "lokr_w1", None)
-        return int((w1 if w1 is not None else m.lokr_w1_a).shape[0])
+def _algorithm_and_rank(params: dict) -> tuple[str, int] | None:
+    """``(algorithm, the number lora_rank stands for)`` of one training module from its parameters by name (a
+    module's ``state_dict()`` or a checkpoint's ``adapters.<i>.*``): LoRA / LoHa the inner dimension, OFT the block
+    size, LoKr the first Kronecker factor's rows (the factor, where it divides the width); None for a bias / norm
+    delta."""
+    if "lora_down.weight" in params:
+        return "LoRA", int(params["lora_down.weight"].shape[0])
+    if "hada_w1_b" in params:
+        return "LoHa", int(params["hada_w1_b"].shape[0])
+    if "oft_blocks" in params:
+        return "OFT", int(params["oft_blocks"].shape[-1])
+    w1 = params.get("lokr_w1", params.get("lokr_w1_a"))
+    if w1 is not None:
+        return "LoKr", int(w1.shape[0])
     return None
 
 
-def describe_modules(modules: Iterable[torch.nn.Module], kinds: Iterable[str]) -> dict:
-    """``{"algorithm", "rank", "alpha"}`` of what the modules hold (a list where they differ): what a file of them
-    holds, whatever was asked for."""
-    algos, ranks, alphas = [], [], []
-    for m, kind in zip(modules, kinds):
-        if kind in ("diff", "diff_b"):
+def describe_tensors(modules: Iterable[dict]) -> dict:
+    """``{"algorithm", "rank", "alpha", "layers", "bias_norm_deltas"}`` of training modules given as their
+    parameters by name (a list where they differ): what a file or checkpoint of them holds, whatever was asked."""
+    algos, ranks, alphas, layers, deltas = [], [], [], 0, 0
+    for params in modules:
+        found = _algorithm_and_rank(params)
+        if found is None:
+            deltas += 1
             continue
-        for seen, value in ((algos, ALGORITHM_OF_KIND.get(kind, kind)), (ranks, _module_rank(m, kind)),
-                            (alphas, float(m.alpha) if hasattr(m, "alpha") else None)):
+        layers += 1
+        alpha = float(params["alpha"]) if "alpha" in params else None
+        for seen, value in ((algos, found[0]), (ranks, found[1]), (alphas, alpha)):
             if value not in seen:
                 seen.append(value)
     one = lambda xs: xs[0] if len(xs) == 1 else (sorted(xs, key=str) if xs else None)  # noqa: E731
-    return {"algorithm": "+".join(algos) if algos else None, "rank": one(ranks), "alpha": one(alphas)}
+    return {"algorithm": "+".join(algos) if algos else None, "rank": one(ranks), "alpha": one(alphas),
+            "layers": layers, "bias_norm_deltas": deltas}
+
+
+def describe_modules(modules: Iterable[torch.nn.Module]) -> dict:
+    """``{"algorithm", "rank", "alpha"}`` of what the modules hold (:func:`describe_tensors`)."""
+    d = describe_tensors(dict(m.state_dict()) for m in modules)
+    return {k: d[k] for k in ("algorithm", "rank", "alpha")}
 
 
 class ComfyAdapterSet(torch.nn.Module):
@@ -306,41 +315,21 @@ class ComfyAdapterSet(torch.nn.Module):
 
     def stored(self) -> dict:
         """What the set's tensors are (:func:`describe_modules`): a continued file keeps its own algorithm and rank."""
-        return describe_modules(self.adapters, self.kinds)
+        return describe_modules(self.adapters)
 
     def extra_repr(self) -> str:
         return f"algorithm={self.algorithm}, rank={self.rank}, alpha={self.alpha:g}, tensors={len(self.targets)}"
 
 
 def describe_state(state: dict) -> dict:
-    """:func:`describe_modules` of a checkpoint's adapter state (``adapters.<i>.<parameter>`` keys), with the
-    number of adapted layers and of bias / norm deltas: what a resume compares with the run it is asked to be."""
+    """:func:`describe_tensors` of a checkpoint's adapter state (``adapters.<i>.<parameter>`` keys): what a resume
+    compares with the run it is asked to be."""
     params: dict[int, dict] = {}
     for key, value in state.items():
         parts = key.split(".")
         if len(parts) >= 3 and parts[0] == "adapters" and parts[1].isdigit():
             params.setdefault(int(parts[1]), {})[".".join(parts[2:])] = value
-    algos, ranks, layers, deltas = [], [], 0, 0
-    for i in sorted(params):
-        p = params[i]
-        if "lora_down.weight" in p:
-            kind, rank = "LoRA", p["lora_down.weight"].shape[0]
-        elif "hada_w1_b" in p:
-            kind, rank = "LoHa", p["hada_w1_b"].shape[0]
-        elif "oft_blocks" in p:
-            kind, rank = "OFT", p["oft_blocks"].shape[-1]
-        elif "lokr_w1" in p or "lokr_w1_a" in p:
-            kind, rank = "LoKr", (p.get("lokr_w1") if p.get("lokr_w1") is not None else p["lokr_w1_a"]).shape[0]
-        else:
-            deltas += 1
-            continue
-        layers += 1
-        if kind not in algos:
-            algos.append(kind)
-        if int(rank) not in ranks:
-            ranks.append(int(rank))
-    return {"algorithm": "+".join(algos) or None, "rank": ranks[0] if len(ranks) == 1 else sorted(ranks),
-            "layers": layers, "bias_norm_deltas": deltas}
+    return describe_tensors(params[i] for i in sorted(params))
 
 
 def describe_set(adapter_set: "ComfyAdapterSet") -> dict:
@@ -359,8 +348,7 @@ class LoadedFile:
     ignored: list
 
     def stored(self) -> dict:
-        keys = sorted(self.modules)
-        return describe_modules([self.modules[k] for k in keys], [self.kinds[k] for k in keys])
+        return describe_modules(self.modules[k] for k in sorted(self.modules))
 
 
 def _neutral_alpha(adapter) -> float:

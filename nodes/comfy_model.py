@@ -275,17 +275,15 @@ class ComfyFlowModel:
         device = mp.load_device
         comfy.samplers.cast_to_load_options(self.model_options, device=device, dtype=mp.model_dtype())
         mp.pre_run()
-        switch = training_mode()
-        switch.__enter__()
         try:
             self.real_model, self.device = real_model, device
             zeros = torch.zeros((1, *self.latent_shape), device=device)
             for i, p in enumerate(self._raw):
                 self._processed[p] = comfy.samplers.process_conds(real_model, zeros, self._conds_for(p), device,
                                                                   zeros, None, self.seed)
-            yield self
+            with training_mode():
+                yield self
         finally:
-            switch.__exit__(None, None, None)
             mp.cleanup()
             comfy.sampler_helpers.cleanup_models(all_conds, self._loaded)
             comfy.samplers.cast_to_load_options(self.model_options, device=mp.offload_device)
@@ -308,8 +306,6 @@ class ComfyFlowModel:
         mp.model.current_patcher = mp
         self.model_options = comfy.model_patcher.create_model_options_clone(mp.model_options)
         self._unmanaged = True
-        switch = training_mode()
-        switch.__enter__()
         try:
             cpu = torch.device("cpu")
             self.real_model, self.device = mp.model, cpu
@@ -317,9 +313,9 @@ class ComfyFlowModel:
             for p in self._raw:
                 self._processed[p] = comfy.samplers.process_conds(mp.model, zeros, self._conds_for(p), cpu, zeros,
                                                                   None, self.seed)
-            yield self
+            with training_mode():
+                yield self
         finally:
-            switch.__exit__(None, None, None)
             for m, fns in restore:
                 m.weight_function = fns
             mp.model.current_patcher = previous

@@ -53,9 +53,9 @@ from branchgrpo.trainer import Callback, TrainerConfig
 from .adapters import count_trainable
 from .comfy_model import ComfyFlowModel, attach_lora, encode_prompt, gradient_checkpointing, model_family
 from .model_management import is_loaded, need, patchers_of, release
+from .run_request import NODE
 
 log = logging.getLogger("BranchGRPO")
-NODE = "BranchGRPO Trainer"
 CPU = torch.device("cpu")
 TEXT_TOKENS = 512
 """Text tokens assumed per prompt when the conditioning is not encoded yet (T5-XXL / umT5 at their longest)."""
@@ -570,13 +570,12 @@ PHASE_ADVICE = {
 }
 
 
-def release_after_out_of_memory(models, vae, rewards) -> None:
-    """After an out-of-memory error: unload what the run loaded (its diffusion model patchers, the VAE, the reward
-    models) and return the allocator's cache, so the server and the next queued prompt have the memory again."""
+def free_cache() -> None:
+    """Collect what is no longer referenced and return the allocator's cache (after an out-of-memory error, so the
+    server and the next queued prompt have the memory again)."""
     import gc
 
     import comfy.model_management as mm
-    release([*models, *patchers_of(vae), *[p for r in rewards for p in patchers_of(r)]])
     gc.collect()
     mm.soft_empty_cache()
 
@@ -645,4 +644,4 @@ __all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patche
            "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks", "block_lists", "random_conditioning",
            "SamplingCall", "budget_message", "reward_weight_bytes", "lora_param_count", "text_dims",
            "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS", "plan_memory", "RunPlan", "out_of_memory_message",
-           "release_after_out_of_memory", "PHASE_ADVICE"]
+           "free_cache", "PHASE_ADVICE"]

@@ -237,10 +237,11 @@ def train_session(request: RunRequest, plan: memory.RunPlan, model, clip, vae) -
                 trainer.train(checkpoint_path=ckpt)
             except torch.OutOfMemoryError as e:  # CUDA's, and any device's: the session below is let go first
                 oom = (trainer.phase, trainer.iteration, (str(e).strip().splitlines() or [""])[0][:300])
-        if oom is not None:  # the exception (and the tensors its frames held) is gone: free, then explain
-            memory.release_after_out_of_memory([mp, base], vae, request.rewards)
+        if oom is not None:  # the exception (and the tensors its frames held) is gone: unload, free, then explain
+            memory.release([mp, base, *memory.patchers_of(vae), *(p for r in request.rewards
+                                                                   for p in memory.patchers_of(r))])
             del trainer, flow, lora, mp, base, decode
-            memory.release_after_out_of_memory([], None, [])  # what the run's own objects held
+            memory.free_cache()
             raise ValueError(memory.out_of_memory_message(NODE, *oom, plan.run_memory, model.load_device, ckpt))
         for p in lora.parameters():
             p.requires_grad_(False)
