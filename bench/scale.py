@@ -199,6 +199,9 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
             pk = gpu_peaks.setdefault(prev, {"allocated": 0, "reserved": 0})
             pk["allocated"] = max(pk["allocated"], torch.cuda.max_memory_allocated())
             pk["reserved"] = max(pk["reserved"], torch.cuda.max_memory_reserved())
+            free, total = torch.cuda.mem_get_info()  # the driver's view: the context and other processes too
+            pk["free_after"] = min(pk.get("free_after", free), free)
+            pk["device_total"] = total
         current["name"] = name
         if name is not None:
             torch.cuda.reset_peak_memory_stats()

@@ -200,6 +200,8 @@ def train_session(request: RunRequest, plan: memory.RunPlan, model, clip, vae) -
         mp, lora = attach_lora(base, request.lora_cfg, seed=request.seed, device=model.load_device,
                                algorithm=request.algorithm, train_bias_norm=request.train_bias_norm,
                                existing=request.existing)
+        log.info("BranchGRPO %s: training on %s, model patcher %s, %s adapter on %d layers", request.run_name,
+                 model.load_device, type(mp).__name__, request.algorithm, adapter_sets.describe_set(lora)["layers"])
         flow = ComfyFlowModel(mp, request.latent_shape, clip=clip, negative=s.negative_prompt, cfg=s.cfg,
                               guidance=s.flux_guidance, seed=request.seed)
         flow.add_prompts(request.prompts + request.eval_prompts)  # encoded once, kept for the whole run

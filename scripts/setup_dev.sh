@@ -10,6 +10,9 @@
 #   .comfyui-0.33/, .venv-0.33/
 #                 the second core the suite runs on: a copy of ../shared/comfyui/0.33.0 (upstream ComfyUI of
 #                 2026-08) and a venv with its own pins over .venv/ (skipped when that tree is absent)
+#   .gpu-kit/, .venv-kit312/
+#                 the GPU check's kit (scripts/gpu_kit.sh) and a Python 3.12 + torch 2.11 venv like the GPU
+#                 machine's, which the suite runs the check's CPU form with (skipped without that tree)
 #
 # Options:
 #   --force    reinstall the Python packages even if the stamp says they are up to date
@@ -205,6 +208,29 @@ if [[ -f "$CORE2_SRC/main.py" ]]; then
     mv "$CORE2_DIR.tmp" "$CORE2_DIR"
   else
     step ".comfyui-0.33/ present"
+  fi
+  # ---------------------------------------------------------------- the GPU check's kit and its CPU proof
+  # .gpu-kit/ (scripts/gpu_kit.sh): what the lent GPU machine lacks, carried there with the working tree.
+  # .venv-kit312/: Python 3.12 with the device image's packages (scripts/device_image.txt, torch 2.11.0 included),
+  # so that the suite runs gpu_check.sh's CPU form through the kit as the device would (tests/test_gpu_kit.py).
+  step "the GPU check's kit (.gpu-kit/)"
+  bash "$ROOT/scripts/gpu_kit.sh"
+  KIT_VENV="$ROOT/.venv-kit312"
+  PY312="$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)"
+  KIT_STAMP="$(sha256sum "$ROOT/scripts/device_image.txt" | cut -d' ' -f1)"
+  if [[ -z "$PY312" ]]; then
+    step "no python3.12 here: .venv-kit312/ not built (tests/test_gpu_kit.py skips its CPU form)"
+  elif [[ ! -x "$KIT_VENV/bin/python" || "$(cat "$KIT_VENV/.branchgrpo-setup.stamp" 2>/dev/null || true)" != "$KIT_STAMP" ]]; then
+    step "creating .venv-kit312/ ($PY312 + scripts/device_image.txt: the GPU machine's Python and torch)"
+    rm -rf "$KIT_VENV"
+    "$PY312" -m venv "$KIT_VENV"
+    "$KIT_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/scripts/device_image.txt" \
+      2> >(grep -vE "^WARNING: Location 'file:.*' is ignored" >&2 || true)
+    # only what the image holds: ComfyUI's other requirements must come from the kit
+    "$KIT_VENV/bin/python" -m pip uninstall -q -y pydantic pydantic-core annotated-types typing-inspection 2>/dev/null || true
+    echo "$KIT_STAMP" > "$KIT_VENV/.branchgrpo-setup.stamp"
+  else
+    step ".venv-kit312/ up to date"
   fi
 else
   step "no ComfyUI 0.33.0 tree at $CORE2_SRC: the suite runs on 0.3.75 only (set BRANCHGRPO_CORE2_SRC)"
