@@ -32,6 +32,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from branchgrpo.lora import LoRAConfig, select_linear
+from . import comfy_core as core
 
 log = logging.getLogger("BranchGRPO")
 
@@ -39,25 +40,6 @@ ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
 NODE = "BranchGRPO Trainer"
 PREFIX = "diffusion_model."
 _LIST = 6
-
-
-def _weight_adapter():
-    try:
-        import comfy.weight_adapter as wa
-        from comfy.weight_adapter.base import factorization
-    except ImportError as e:  # pragma: no cover - ComfyUI before its trainer existed
-        raise RuntimeError(f"{NODE}: this ComfyUI has no comfy.weight_adapter ({e}); the Trainer needs ComfyUI "
-                           "0.3.75 or newer.") from None
-    return wa, factorization
-
-
-def _bias_diff_cls():
-    try:
-        from comfy_extras.nodes_train import BiasDiff
-    except ImportError as e:  # pragma: no cover
-        raise RuntimeError(f"{NODE}: train_bias_norm — ComfyUI's comfy_extras.nodes_train.BiasDiff is missing ({e});"
-                           " the bias/norm deltas need ComfyUI 0.3.75 or newer.") from None
-    return BiasDiff
 
 
 def _listing(items) -> str:
@@ -102,7 +84,7 @@ def check_rank(targets: Sequence[Target], algorithm: str, rank: int, node: str =
     leaves one side 1x1 makes the other as large as the weight (full fine-tuning memory)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{node}: algorithm — {algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
-    _, factorization = _weight_adapter()
+    _, factorization = core.weight_adapter()
     bad = []
     for t in targets:
         if t.kind != "weight":
@@ -172,12 +154,12 @@ def rank_warnings(targets: Sequence[Target], algorithm: str, rank: int) -> list[
 def _fresh_module(t: Target, algorithm: str, rank: int, alpha: float):
     """A new training module of ComfyUI's for ``t`` (random numbers from the current RNG)."""
     if t.kind != "weight":
-        return _bias_diff_cls()(torch.nn.Parameter(torch.zeros(t.shape)))
-    wa, _ = _weight_adapter()
+        return core.bias_diff_class()(torch.nn.Parameter(torch.zeros(t.shape)))
+    wa, _ = core.weight_adapter()
     if algorithm == "LoRA":
         # ComfyUI's create_train draws ``up`` and zeroes ``down``; this pack has always drawn ``down``
         # (kaiming-uniform, as nn.Linear) and zeroed ``up``, so a seed gives the same LoRA as before.
-        from comfy.weight_adapter.lora import LoraDiff
+        LoraDiff = core.lora_diff_class()
         out_dim, in_dim = t.shape[0], math.prod(t.shape[1:])
         down = torch.empty(rank, in_dim)
         torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
@@ -373,7 +355,6 @@ def load_lora_for_training(model_patcher, path: str, node: str = NODE, field: st
 def read_lora_file(path: str, node: str = NODE, field: str = "continue_lora") -> tuple[dict, dict]:
     """``(tensors, metadata)`` of a LoRA file, or an error naming the node, the field, what is wrong with the file
     and what to do: unreadable (not a safetensors file, cut short, corrupt) or empty."""
-    import comfy.utils
     fname = os.path.basename(path)
     fix = f"Pick another file, or set {field} to none to train a new LoRA."
     try:
@@ -384,7 +365,7 @@ def read_lora_file(path: str, node: str = NODE, field: str = "continue_lora") ->
         raise ValueError(f"{node}: {field} — {fname} is {size} bytes long: it is not a LoRA file (a safetensors "
                          f"file starts with an 8-byte header length). {fix}")
     try:
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+        sd, metadata = core.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     except Exception as e:  # noqa: BLE001 - safetensors / torch raise their own types for a bad file
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"{node}: {field} — {fname} ({size} bytes) is not a readable LoRA file: "
@@ -403,13 +384,11 @@ def _load_for_training(model_patcher, path: str, node: str, field: str) -> Loade
     (``to_train()``); ``.diff`` / ``.diff_b`` become ``BiasDiff`` modules. Keys that map to no weight of the
     diffusion model (a text encoder's part of the file) are ignored with a warning; a file that maps to nothing,
     a DoRA file, or an adapter ComfyUI cannot train is refused."""
-    import comfy.lora
-    import comfy.utils
-    wa, _ = _weight_adapter()
+    wa, _ = core.weight_adapter()
     fname = os.path.basename(path)
     family = type(model_patcher.model).__name__
     sd, metadata = read_lora_file(path, node, field)
-    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    key_map = core.lora.model_lora_keys_unet(model_patcher.model, {})
     prefixes = set()
     for k in sd:
         parts = k.split(".")
@@ -482,7 +461,7 @@ def _load_for_training(model_patcher, path: str, node: str, field: str) -> Loade
             if tensor_of is None or not hasattr(module, "weight_function") or tuple(sd[key].shape) != tuple(tensor_of.shape):
                 problems.append(f"{key} ({tuple(sd[key].shape)})")
                 continue
-            modules[(name, kind)] = _bias_diff_cls()(torch.nn.Parameter(sd[key].detach().float().clone()))
+            modules[(name, kind)] = core.bias_diff_class()(torch.nn.Parameter(sd[key].detach().float().clone()))
             kinds[(name, kind)] = kind
             loaded.add(key)
     if problems:
@@ -539,7 +518,7 @@ def build_adapters(diffusion_model, config: LoRAConfig, *, algorithm: str = "LoR
                 m = diffusion_model.get_submodule(name)
                 shape = tuple((m.weight if kind != "diff_b" else m.bias).shape)
                 targets.append(Target(name, kind, shape))
-    wa, _ = _weight_adapter()
+    wa, _ = core.weight_adapter()
     modules, kinds = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

@@ -27,23 +27,18 @@ from typing import Any, Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
-import comfy.model_management
-import comfy.model_patcher
-import comfy.model_sampling
-import comfy.sampler_helpers
-import comfy.samplers
-import node_helpers
 
 from branchgrpo.lora import LoRAConfig
 
-from .model_management import is_loaded
+from .comfy_core import is_loaded
+from . import comfy_core as core
 
 log = logging.getLogger("BranchGRPO")
 
 
 def is_flow_model(model_patcher) -> bool:
     ms = model_patcher.get_model_object("model_sampling")
-    return isinstance(ms, comfy.model_sampling.CONST)
+    return isinstance(ms, core.model_sampling.CONST)
 
 
 def model_family(model_patcher) -> str:
@@ -77,7 +72,7 @@ def require_flow_model(model_patcher, node: str) -> None:
         raise ValueError(f"{node}: model — {family} cannot be trained with BranchGRPO: "
                          f"{OTHER_FLOW_PARAMETERISATIONS[family]}. Load a CONST flow model (README, 'Model families').")
     ms = model_patcher.get_model_object("model_sampling")
-    kinds = [c.__name__ for c in type(ms).__mro__ if c.__module__ == comfy.model_sampling.__name__]
+    kinds = [c.__name__ for c in type(ms).__mro__ if c.__module__ == core.model_sampling.__name__]
     raise ValueError(
         f"{node}: model — this is a {model_family(model_patcher)} model with {'/'.join(kinds[:2]) or type(ms).__name__} "
         "prediction, not a flow-matching (rectified-flow, velocity) model. BranchGRPO's SDE and log-probabilities are "
@@ -190,7 +185,7 @@ def encode_prompt(clip, text: str, guidance: float | None) -> list:
     tokens = clip.tokenize(text)
     cond = clip.encode_from_tokens_scheduled(tokens)
     if guidance is not None:
-        cond = node_helpers.conditioning_set_values(cond, {"guidance": guidance})
+        cond = core.node_helpers.conditioning_set_values(cond, {"guidance": guidance})
     return cond
 
 
@@ -201,7 +196,7 @@ def training_mode():
     that have a backward instead of comfy-kitchen's fused kernels (ComfyUI 0.33.0: "Trying to backward through
     comfy_kitchen.apply_rope"), and the rollout uses the same ops as the update. Feature-detected: cores without
     the switch (0.3.75) have no such kernels."""
-    mm = comfy.model_management
+    mm = core.mm
     if not hasattr(mm, "in_training"):
         yield
         return
@@ -236,7 +231,7 @@ class ComfyFlowModel:
         self._prompts: list[str] = []
         self.real_model = None
         self.model_options = None
-        self.device = comfy.model_management.get_torch_device()
+        self.device = core.mm.get_torch_device()
         self._unmanaged = False
 
     # ------------------------------------------------------------------ conditioning
@@ -252,41 +247,41 @@ class ComfyFlowModel:
             self._negative_raw = encode_prompt(self.clip, self.negative_text, self.guidance)
 
     def _conds_for(self, prompt: str) -> dict[str, list]:
-        conds = {"positive": comfy.sampler_helpers.convert_cond(self._raw[prompt])}
+        conds = {"positive": core.sampler_helpers.convert_cond(self._raw[prompt])}
         if self.cfg != 1.0:
-            conds["negative"] = comfy.sampler_helpers.convert_cond(self._negative_raw)
+            conds["negative"] = core.sampler_helpers.convert_cond(self._negative_raw)
         return conds
 
     @contextlib.contextmanager
     def session(self, max_batch: int):
         """Load the model as a sampler would, process every prompt's conds, and clean up after."""
         mp = self.mp
-        self.model_options = comfy.model_patcher.create_model_options_clone(mp.model_options)
+        self.model_options = core.model_patcher.create_model_options_clone(mp.model_options)
         all_conds = {"positive": [], "negative": []}
         for p in self._raw:
             c = self._conds_for(p)
             for k in c:
                 all_conds[k] += c[k]
-        comfy.sampler_helpers.prepare_model_patcher(mp, all_conds, self.model_options)
+        core.sampler_helpers.prepare_model_patcher(mp, all_conds, self.model_options)
         noise_shape = (max_batch, *self.latent_shape)
         self._sampling_args = (noise_shape, all_conds)
-        real_model, _, loaded = comfy.sampler_helpers.prepare_sampling(mp, noise_shape, all_conds, self.model_options)
+        real_model, _, loaded = core.sampler_helpers.prepare_sampling(mp, noise_shape, all_conds, self.model_options)
         self._loaded = loaded
         device = mp.load_device
-        comfy.samplers.cast_to_load_options(self.model_options, device=device, dtype=mp.model_dtype())
+        core.samplers.cast_to_load_options(self.model_options, device=device, dtype=mp.model_dtype())
         mp.pre_run()
         try:
             self.real_model, self.device = real_model, device
             zeros = torch.zeros((1, *self.latent_shape), device=device)
             for i, p in enumerate(self._raw):
-                self._processed[p] = comfy.samplers.process_conds(real_model, zeros, self._conds_for(p), device,
+                self._processed[p] = core.samplers.process_conds(real_model, zeros, self._conds_for(p), device,
                                                                   zeros, None, self.seed)
             with training_mode():
                 yield self
         finally:
             mp.cleanup()
-            comfy.sampler_helpers.cleanup_models(all_conds, self._loaded)
-            comfy.samplers.cast_to_load_options(self.model_options, device=mp.offload_device)
+            core.sampler_helpers.cleanup_models(all_conds, self._loaded)
+            core.samplers.cast_to_load_options(self.model_options, device=mp.offload_device)
             mp.restore_hook_patches()
             self.real_model = None
             self._processed = {}
@@ -304,14 +299,14 @@ class ComfyFlowModel:
                 m.weight_function = list(mp.weight_wrapper_patches.get(f"diffusion_model.{name}.weight", []))
         previous = mp.model.current_patcher
         mp.model.current_patcher = mp
-        self.model_options = comfy.model_patcher.create_model_options_clone(mp.model_options)
+        self.model_options = core.model_patcher.create_model_options_clone(mp.model_options)
         self._unmanaged = True
         try:
             cpu = torch.device("cpu")
             self.real_model, self.device = mp.model, cpu
             zeros = torch.zeros((1, *self.latent_shape))
             for p in self._raw:
-                self._processed[p] = comfy.samplers.process_conds(mp.model, zeros, self._conds_for(p), cpu, zeros,
+                self._processed[p] = core.samplers.process_conds(mp.model, zeros, self._conds_for(p), cpu, zeros,
                                                                   None, self.seed)
             with training_mode():
                 yield self
@@ -351,7 +346,7 @@ class ComfyFlowModel:
                 positive = self._batched_cond(prompts, [len(r) for r in rows])
                 order = torch.cat(rows).to(x.device)
                 xr, sr = x[order], sigma[order]
-            denoised = comfy.samplers.sampling_function(self.real_model, xr, sr, negative, positive, self.cfg,
+            denoised = core.samplers.sampling_function(self.real_model, xr, sr, negative, positive, self.cfg,
                                                         self.model_options, self.seed)
             v = (xr.float() - denoised.float()) / sr.float().view(view)
             if len(bucket) == len(groups) and len(groups) == 1:
@@ -367,7 +362,7 @@ class ComfyFlowModel:
         if self.real_model is None or self._unmanaged or is_loaded(self.mp):
             return
         noise_shape, all_conds = self._sampling_args
-        self.real_model, _, self._loaded = comfy.sampler_helpers.prepare_sampling(self.mp, noise_shape, all_conds,
+        self.real_model, _, self._loaded = core.sampler_helpers.prepare_sampling(self.mp, noise_shape, all_conds,
                                                                                  self.model_options)
         self.reloads += 1
 

@@ -28,16 +28,11 @@ from comfy_api.latest import io
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import comfy.latent_formats
-import comfy.model_base
-import comfy.model_management
-import comfy.model_patcher
-import comfy.ops
-import comfy.supported_models_base
 
 from branchgrpo.models.toy_dit import CLASS_NAMES, ToyDiT, ToyDiTConfig
 from . import types as T
 from .shims import TextEncoderShim, VAEShim
+from . import comfy_core as core
 
 NODE = "Demo Model Loader (CPU demo)"
 DEMO_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "tiny_t2i.safetensors")
@@ -49,7 +44,7 @@ def normalise_prompt(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- MODEL
-class DemoLatentFormat(comfy.latent_formats.LatentFormat):
+class DemoLatentFormat(core.latent_formats.LatentFormat):
     """The demo model's latent is the RGB image itself in [-1, 1]: 3 channels, no scaling."""
     scale_factor = 1.0
     latent_channels = 3
@@ -61,7 +56,7 @@ class DemoLatentFormat(comfy.latent_formats.LatentFormat):
         self.latent_rgb_factors_bias = None
 
 
-class DemoModelConfig(comfy.supported_models_base.BASE):
+class DemoModelConfig(core.supported_models_base.BASE):
     unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
     sampling_settings = {"shift": 3.0, "multiplier": 1000}  # sigma = shift*t / (1 + (shift-1)*t), t = timestep/1000
@@ -119,11 +114,11 @@ class DemoDiT(ToyDiT):
         return super().forward(x, sigma, self.class_ids(context, x.shape[0], x.device))
 
 
-class DemoFlowModel(comfy.model_base.BaseModel):
+class DemoFlowModel(core.model_base.BaseModel):
     """``model_base.BaseModel`` (FLOW: CONST prediction, discrete-flow sampling, shift 3) over a :class:`DemoDiT`."""
 
     def __init__(self, model_config: DemoModelConfig, net: DemoDiT, device=None):
-        super().__init__(model_config, model_type=comfy.model_base.ModelType.FLOW, device=device)
+        super().__init__(model_config, model_type=core.model_base.ModelType.FLOW, device=device)
         self.diffusion_model = net
 
 
@@ -132,7 +127,7 @@ def _comfy_ops(net: torch.nn.Module) -> torch.nn.Module:
     and weight wrappers to it like to any model ComfyUI loads."""
     for m in net.modules():
         if type(m) is torch.nn.Linear:
-            m.__class__ = comfy.ops.disable_weight_init.Linear
+            m.__class__ = core.ops.disable_weight_init.Linear
     return net
 
 
@@ -159,9 +154,9 @@ def build_demo_model(path: str = DEMO_FILE):
         net.eval().requires_grad_(False)
         model_config = DemoModelConfig(dict(DemoModelConfig.unet_config))
         model_config.net_config = config
-        base = DemoFlowModel(model_config, net, device=comfy.model_management.unet_offload_device())
-    mp = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                          offload_device=comfy.model_management.unet_offload_device())
+        base = DemoFlowModel(model_config, net, device=core.mm.unet_offload_device())
+    mp = core.model_patcher.ModelPatcher(base, load_device=core.mm.get_torch_device(),
+                                          offload_device=core.mm.unet_offload_device())
     return mp, names
 
 

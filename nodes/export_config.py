@@ -17,7 +17,6 @@ import sys
 
 from comfy_api.latest import io
 
-import folder_paths
 from branchgrpo.advantage import AdvantageConfig
 from branchgrpo.config_file import (DEFAULT_LORA_TARGETS, RUN_NAME, ConfigError, dump_config, parse_config,
                                     write_text_atomic)
@@ -30,6 +29,7 @@ from branchgrpo.schedule import BranchSchedule
 from . import inputs
 from . import types as T
 from .method import Method
+from . import comfy_core as core
 
 NODE = "BranchGRPO Export Run Config"
 FROM_FOLDER = "(from the diffusers folder)"
@@ -41,7 +41,7 @@ def diffusers_folders() -> dict[str, str]:
     """``{name: path}`` of the diffusers model folders (holding model_index.json) in ComfyUI's diffusers folders,
     one or two levels deep (``models/diffusers/FLUX.1-dev`` or ``models/diffusers/black-forest-labs/FLUX.1-dev``)."""
     found: dict[str, str] = {}
-    for base in folder_paths.get_folder_paths("diffusers"):
+    for base in core.folder_paths.get_folder_paths("diffusers"):
         if not os.path.isdir(base):
             continue
         for entry in sorted(os.listdir(base)):
@@ -60,14 +60,14 @@ def diffusers_folders() -> dict[str, str]:
 
 def _files(kind: str) -> list[str]:
     try:
-        return folder_paths.get_filename_list(kind)
+        return core.folder_paths.get_filename_list(kind)
     except Exception:  # folder kind not registered
         return []
 
 
 def _reward_dirs() -> list[str]:
     try:
-        return list(folder_paths.get_folder_paths("reward_models"))
+        return list(core.folder_paths.get_folder_paths("reward_models"))
     except Exception:
         return []
 
@@ -215,7 +215,7 @@ class ExportRunConfigNode(io.ComfyNode):
             model_path = diffusers_model
         if model_path is None:
             raise ValueError(f"{NODE}: diffusers_model — {diffusers_model!r} is not a diffusers model folder in "
-                             f"{', '.join(folder_paths.get_folder_paths('diffusers'))}; put the model's diffusers "
+                             f"{', '.join(core.folder_paths.get_folder_paths('diffusers'))}; put the model's diffusers "
                              "folder (with model_index.json) there.")
         if not isinstance(prompts, dict) or not prompts.get("train"):
             raise ValueError(f"{NODE}: prompts — empty; connect a Prompts node with at least one training prompt.")
@@ -226,11 +226,11 @@ class ExportRunConfigNode(io.ComfyNode):
                  "negative_prompt": s.negative_prompt, "gradient_checkpointing": s.gradient_checkpointing != "off",
                  "fsdp": bool(fsdp)}
         if transformer_file and transformer_file != FROM_FOLDER:
-            model["transformer_file"] = folder_paths.get_full_path_or_raise("diffusion_models", transformer_file)
+            model["transformer_file"] = core.folder_paths.get_full_path_or_raise("diffusion_models", transformer_file)
         if vae_file and vae_file != FROM_FOLDER:
-            model["vae_file"] = folder_paths.get_full_path_or_raise("vae", vae_file)
-        out_dir = os.path.join(folder_paths.get_output_directory(), "branchgrpo")
-        loras = folder_paths.get_folder_paths("loras")[0]
+            model["vae_file"] = core.folder_paths.get_full_path_or_raise("vae", vae_file)
+        out_dir = os.path.join(core.folder_paths.get_output_directory(), "branchgrpo")
+        loras = core.folder_paths.get_folder_paths("loras")[0]
         adv = dataclasses.asdict(advantage or AdvantageConfig())
         adv["aggregation"] = aggregation
         data = {

@@ -14,6 +14,7 @@ from typing import Any
 from comfy_api.latest import io
 
 from . import types as T
+from . import comfy_core as core
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,7 @@ CONTINUE_LORA = _opt(io.Combo, "continue_lora", "none", "Start from a LoRA file 
 
 def lora_choices() -> list[str]:
     """The continue_lora options: "none", then the files of models/loras."""
-    import folder_paths
-    return ["none", *folder_paths.get_filename_list("loras")]
+    return ["none", *core.folder_paths.get_filename_list("loras")]
 
 TRAINER_INPUTS: tuple[Option, ...] = (ITERATIONS, PROMPTS_PER_ITERATION, LEARNING_RATE, LORA_RANK, LORA_ALPHA, SEED)
 

@@ -5,10 +5,10 @@ import os
 
 from comfy_api.latest import io
 
-import folder_paths
 from branchgrpo.lora import save_state_dict
 
 from . import types as T
+from . import comfy_core as core
 
 NODE = "BranchGRPO Save LoRA"
 
@@ -24,7 +24,7 @@ def resolve_lora_path(filename: str) -> str:
                          "without '..', a leading '/' or a drive, e.g. 'branchgrpo/my_lora'.")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    base = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+    base = os.path.realpath(core.folder_paths.get_folder_paths("loras")[0])
     path = os.path.realpath(os.path.join(base, name))
     if os.path.commonpath([base, path]) != base:
         raise ValueError(f"{NODE}: filename — {filename!r} resolves outside the loras folder ({base}).")
@@ -36,7 +36,7 @@ def kept_in_checkpoint(lora) -> str:
     run = (getattr(lora, "metadata", None) or {}).get("branchgrpo.run_name")
     if not run:
         return ""
-    ckpt = os.path.join(folder_paths.get_output_directory(), "branchgrpo", run, "checkpoint.pt")
+    ckpt = os.path.join(core.folder_paths.get_output_directory(), "branchgrpo", run, "checkpoint.pt")
     its = (getattr(lora, "metadata", None) or {}).get("branchgrpo.iterations", "?")
     return (f" The trained LoRA ({its} iterations) is kept in the checkpoint {ckpt}: fix the file name and queue "
             "again with the Trainer's resume on and the same settings; it loads the checkpoint and Save LoRA writes "
@@ -95,6 +95,6 @@ class SaveLoRANode(io.ComfyNode):
             save_state_dict(path, lora, metadata)
         except OSError as e:
             raise OSError(f"{NODE}: filename — could not write {path}: {e}.{kept_in_checkpoint(lora)}") from None
-        base = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+        base = os.path.realpath(core.folder_paths.get_folder_paths("loras")[0])
         name = os.path.relpath(path, base).replace(os.sep, "/")
         return io.NodeOutput(name, ui={"text": [f"saved {name}"], "lora_name": [name]})

@@ -1,7 +1,7 @@
 """Memory of a training run in ComfyUI: the policy that shares one card between the models, and the prediction.
 
 **Policy** (:func:`plan`, :class:`ReleaseAfterPhase`, :func:`with_base_dtype`): how a run shares one card with its
-text encoders, VAE and reward models, through ComfyUI's model management (``nodes/model_management.py``).
+text encoders, VAE and reward models, through ComfyUI's model management (``nodes/comfy_core.py``).
 
 * Text encoders: every prompt is encoded once per run (the Trainer keeps the conditioning for all
   iterations); the CLIP is released before the rollout.
@@ -43,7 +43,6 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import comfy.model_patcher
 
 from branchgrpo.lora import LoRAConfig
 from branchgrpo.memory import (LiveTensors, RunMemory, SavedTensors, extrapolate_depth, module_bytes,
@@ -52,8 +51,9 @@ from branchgrpo.trainer import Callback, TrainerConfig
 
 from .adapters import count_trainable
 from .comfy_model import ComfyFlowModel, attach_lora, encode_prompt, gradient_checkpointing, model_family
-from .model_management import is_loaded, need, patchers_of, release
+from .comfy_core import is_loaded, need, patchers_of, release
 from .run_request import NODE
+from . import comfy_core as core
 
 log = logging.getLogger("BranchGRPO")
 CPU = torch.device("cpu")
@@ -319,7 +319,7 @@ def fake_twin(model_patcher, keep: Sequence[int] | None, mode: FakeTensorMode):
     base = model_patcher.model.model_config.get_model({})
     if keep is not None:
         truncate_blocks(base.diffusion_model, keep)
-    return comfy.model_patcher.ModelPatcher(base, load_device=CPU, offload_device=CPU)
+    return core.model_patcher.ModelPatcher(base, load_device=CPU, offload_device=CPU)
 
 
 def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig, *, rollout_batch: int,
@@ -575,15 +575,13 @@ def free_cache() -> None:
     server and the next queued prompt have the memory again)."""
     import gc
 
-    import comfy.model_management as mm
     gc.collect()
-    mm.soft_empty_cache()
+    core.free_cache()
 
 
 def out_of_memory_message(node: str, phase: str, iteration: int, error: str, run_memory, device, ckpt: str) -> str:
     """Where a run ran out of memory, against what was predicted and what the device has, what was kept, and the
     settings that lower that phase's peak."""
-    import comfy.model_management as mm
     gb = 2 ** 30
     try:
         predicted = f"{run_memory.phase(phase).total / gb:.2f} GiB predicted for it" if run_memory is not None \
@@ -591,7 +589,7 @@ def out_of_memory_message(node: str, phase: str, iteration: int, error: str, run
     except KeyError:
         predicted = f"{run_memory.peak / gb:.2f} GiB predicted at the run's peak"
     try:
-        free, total = mm.get_free_memory(device) / gb, mm.get_total_memory(device) / gb
+        free, total = core.mm.get_free_memory(device) / gb, core.mm.get_total_memory(device) / gb
         room = f"{free:.2f} GiB free of {total:.2f} GiB on {device} now"
     except Exception:  # noqa: BLE001 - a device model management cannot measure
         room = f"the free memory of {device} unknown"
@@ -607,7 +605,7 @@ def plan_memory(request, model, clip, vae, reward) -> "RunPlan":
     (:class:`nodes.run_request.RunRequest`); a run over the budget is refused before compute."""
     s = request.settings
     budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
-              else comfy.model_management.get_total_memory(model.load_device))
+              else core.mm.get_total_memory(model.load_device))
     policy = plan(budget=budget, weights=model.model_size(), latent_shape=request.latent_shape,
                                 max_batch=s.max_batch, vae=vae, reward=reward, base_weights=s.base_weights,
                                 release_models=s.release_models)

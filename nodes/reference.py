@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-import node_helpers
 
 from . import types as T
+from . import comfy_core as core
 
 NODE = "Edit Prompts (reference images)"
 
@@ -53,7 +53,7 @@ class ReferenceCLIP:
         latent = self.references.get(getattr(tokens, "text", None))
         if latent is None:
             return cond
-        return node_helpers.conditioning_set_values(cond, {"reference_latents": [latent]}, append=True)
+        return core.node_helpers.conditioning_set_values(cond, {"reference_latents": [latent]}, append=True)
 
     def encode_from_tokens_scheduled(self, tokens, *args, **kwargs):
         return self._with_reference(self.clip.encode_from_tokens_scheduled(dict(tokens), *args, **kwargs), tokens)

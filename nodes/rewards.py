@@ -39,13 +39,13 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from comfy_api.latest import io
 
-import folder_paths
 from branchgrpo.rewards.files import (MODEL_CARDS, WEIGHT_EXTENSIONS, RewardLoadError, WeightsNotFoundError, cached,
                                       file_key, find_file, find_folder, hf_cache_snapshot, missing_weights_message)
 from branchgrpo.rewards.mix import AGGREGATIONS, RewardMix
 from branchgrpo.rewards.weight_free import WEIGHT_FREE_REWARDS, make_weight_free
 
 from . import types as T
+from . import comfy_core as core
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ MAX_MIX = 4
 
 def register_reward_models_folder() -> str:
     """Register ``reward_models`` with ComfyUI's folder_paths (idempotent; keeps yaml entries)."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    folder_paths.add_model_folder_path(FOLDER, default)
-    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | set(WEIGHT_EXTENSIONS))
+    default = os.path.join(core.folder_paths.models_dir, FOLDER)
+    core.folder_paths.add_model_folder_path(FOLDER, default)
+    paths, exts = core.folder_paths.folder_names_and_paths[FOLDER]
+    core.folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | set(WEIGHT_EXTENSIONS))
     try:
         os.makedirs(default, exist_ok=True)
     except OSError:  # read-only install: users can still use extra_model_paths.yaml
@@ -74,7 +74,7 @@ register_reward_models_folder()
 
 
 def reward_dirs() -> List[str]:
-    return folder_paths.get_folder_paths(FOLDER)
+    return core.folder_paths.get_folder_paths(FOLDER)
 
 
 def _model_folder_paths() -> List[str]:
@@ -96,7 +96,7 @@ def _model_folder_paths() -> List[str]:
 def weight_files() -> List[str]:
     """Checkpoint files in the reward_models folders, except those inside Hugging Face model folders."""
     try:
-        files = folder_paths.get_filename_list(FOLDER)
+        files = core.folder_paths.get_filename_list(FOLDER)
     except KeyError:
         files = []
     folders = _model_folder_paths()
@@ -136,11 +136,6 @@ def _files_tooltip(card_key: str, what: str) -> str:
 
 # ------------------------------------------------------------------------ device / memory ---
 
-def _mm():
-    import comfy.model_management as mm
-    return mm
-
-
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "fp32":
         return torch.float32
@@ -148,12 +143,11 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
         return torch.float16
     if choice == "bf16":
         return torch.bfloat16
-    mm = _mm()
     if device.type == "cpu":
         return torch.float32
-    if mm.should_use_fp16(device, prioritize_performance=True):
+    if core.mm.should_use_fp16(device, prioritize_performance=True):
         return torch.float16
-    if mm.should_use_bf16(device, prioritize_performance=True):
+    if core.mm.should_use_bf16(device, prioritize_performance=True):
         return torch.bfloat16
     return torch.float32
 
@@ -172,12 +166,10 @@ _patchers: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDiction
 
 def patcher_for(module: torch.nn.Module):
     """One ModelPatcher per torch module (a CLIP shared by two scorers is moved once)."""
-    import comfy.model_patcher
-    mm = _mm()
     p = _patchers.get(id(module))
     if p is None or p.model.inner is not module:
-        p = comfy.model_patcher.ModelPatcher(_Holder(module), load_device=mm.get_torch_device(),
-                                             offload_device=mm.text_encoder_offload_device())
+        p = core.model_patcher.ModelPatcher(_Holder(module), load_device=core.mm.get_torch_device(),
+                                             offload_device=core.mm.text_encoder_offload_device())
         _patchers[id(module)] = p
     return p
 
@@ -194,12 +186,12 @@ class ComfyManagedReward:
 
     def __call__(self, images: torch.Tensor, prompts=None, grad: bool = False) -> torch.Tensor:
         if not grad:
-            _mm().load_models_gpu(self.patchers, force_full_load=True)
+            core.mm.load_models_gpu(self.patchers, force_full_load=True)
             return self.scorer(images, prompts)
         # Gradients to the pixels: ComfyUI runs nodes under torch.inference_mode, and weights moved there
         # become inference tensors, which autograd cannot save for backward.
         with torch.inference_mode(False):
-            _mm().load_models_gpu(self.patchers, force_full_load=True)
+            core.mm.load_models_gpu(self.patchers, force_full_load=True)
             for m in self.scorer.modules():
                 normal_tensors_(m)
             return self.scorer(images, prompts, grad=True)
@@ -290,7 +282,7 @@ def _stat_key(*rel: str) -> tuple:
             snap = hf_cache_snapshot(r[3:])
             out.append(file_key(snap) if snap else None)
         else:
-            p = folder_paths.get_full_path(FOLDER, r)
+            p = core.folder_paths.get_full_path(FOLDER, r)
             if p is None:
                 for d in reward_dirs():
                     if os.path.isdir(os.path.join(d, r)):
@@ -306,9 +298,8 @@ def _stat_key(*rel: str) -> tuple:
 def _load(node: str, field: str, kind: str, load: Callable, dtype: str, batch_size: int, max_frames: int,
           temporal_weight: float, key: tuple):
     """Resolve, load (weakly cached per weights/device/dtype), wrap for ComfyUI's memory management."""
-    mm = _mm()
-    load_device = mm.get_torch_device()
-    offload = mm.text_encoder_offload_device()
+    load_device = core.mm.get_torch_device()
+    offload = core.mm.text_encoder_offload_device()
     torch_dtype = resolve_dtype(dtype, load_device)
     cache_key = ("comfy", kind) + key + (str(load_device), str(offload), str(torch_dtype))
     try:

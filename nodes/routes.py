@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+from . import comfy_core as core
 
 log = logging.getLogger("BranchGRPO")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the Trainer's run_name rule
@@ -49,11 +50,9 @@ def read_history(path: str) -> dict:
 def register() -> None:
     try:
         from aiohttp import web
-        from server import PromptServer
-        routes = PromptServer.instance.routes
+        routes = core.prompt_server().routes
     except Exception:  # not inside a ComfyUI server
         return
-    import folder_paths
 
     @routes.get("/branchgrpo/runs/{run}")
     async def branchgrpo_run_history(request):
@@ -61,7 +60,7 @@ def register() -> None:
         if not RUN_NAME.match(run):
             return web.json_response({"error": "invalid run name: use letters, digits, '_', '.' or '-'"},
                                      status=400)
-        path = os.path.join(folder_paths.get_output_directory(), "branchgrpo", run, "checkpoint.pt")
+        path = os.path.join(core.folder_paths.get_output_directory(), "branchgrpo", run, "checkpoint.pt")
         if not os.path.isfile(path):  # not (yet) a run: an empty history, not an error the browser logs
             return web.json_response({"run": run, "iteration": 0, "history": []})
         try:

@@ -13,8 +13,6 @@ import re
 
 import torch
 
-import comfy.sample
-import folder_paths
 from branchgrpo.advantage import AdvantageConfig
 from branchgrpo.loss import OptimConfig
 from branchgrpo.lora import LoRAConfig, select_linear
@@ -26,13 +24,14 @@ from branchgrpo.trainer import TrainerConfig
 from . import adapters as adapter_sets
 from . import inputs
 from .comfy_model import model_family, require_flow_model
+from . import comfy_core as core
 
 NODE = "BranchGRPO Trainer"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def checkpoint_dir(run_name: str) -> str:
-    return os.path.join(folder_paths.get_output_directory(), "branchgrpo", run_name)
+    return os.path.join(core.folder_paths.get_output_directory(), "branchgrpo", run_name)
 
 
 @dataclasses.dataclass
@@ -78,7 +77,7 @@ class RunRequest:
             raise ValueError(run_name_error(run_name))
         # An empty latent is shaped for the model as the KSampler does it (channels of an all-zero latent,
         # a frame axis for video-shaped models such as Qwen-Image).
-        latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape[1:])
+        latent_shape = tuple(core.sample.fix_empty_latent_channels(model, latent["samples"]).shape[1:])
         channels = model.model.latent_format.latent_channels
         if latent_shape[0] != channels:
             raise ValueError(f"{NODE}: latent — it has {latent_shape[0]} channels but this {model_family(model)} "
@@ -155,10 +154,10 @@ def schedule_notes(config: TrainerConfig, num_prompts: int) -> list[str]:
 
 def read_continue_lora(model, continue_lora: str, iterations: int):
     """The file to continue, turned into training modules, and the iterations it was trained for."""
-    path = folder_paths.get_full_path("loras", continue_lora)
+    path = core.folder_paths.get_full_path("loras", continue_lora)
     if path is None:
         raise ValueError(f"{NODE}: continue_lora — {continue_lora!r} is not a file in "
-                         f"{', '.join(folder_paths.get_folder_paths('loras'))}; pick one of the list (refresh "
+                         f"{', '.join(core.folder_paths.get_folder_paths('loras'))}; pick one of the list (refresh "
                          "the page after adding files) or 'none'.")
     existing = adapter_sets.load_lora_for_training(model, path, NODE)
     done = _file_iterations(existing.metadata)

@@ -7,7 +7,6 @@ import os
 
 from comfy_api.latest import io
 
-import folder_paths
 from branchgrpo.advantage import AdvantageConfig
 from branchgrpo.diagnostics import auto_split_noise_scale, residual_noise_warning
 from branchgrpo.pruning import PruningConfig
@@ -15,6 +14,7 @@ from branchgrpo.schedule import BranchSchedule, parse_steps
 
 from . import types as T
 from .inputs import EXPERT_OPTIONS, TrainerSettings
+from . import comfy_core as core
 
 log = logging.getLogger("BranchGRPO")
 
@@ -267,7 +267,7 @@ class PromptsNode(io.ComfyNode):
     def execute(cls, prompts, file, eval_count) -> io.NodeOutput:
         lines = [ln.strip() for ln in prompts.splitlines()]
         if file.strip():
-            base = os.path.realpath(folder_paths.get_input_directory())
+            base = os.path.realpath(core.folder_paths.get_input_directory())
             path = os.path.realpath(os.path.join(base, file.strip()))
             if not path.startswith(base + os.sep) or not os.path.isfile(path):
                 raise ValueError(f"Prompts: file — {file!r} is not a file inside ComfyUI's input folder ({base}); "

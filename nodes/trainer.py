@@ -16,9 +16,6 @@ import os
 import torch
 from comfy_api.latest import io
 
-import comfy.model_management
-import comfy.sd
-import comfy.utils
 from branchgrpo.trainer import BranchGRPOTrainer, Callback
 
 from . import inputs, memory
@@ -30,6 +27,7 @@ from .method import Method
 from .preview import PREVIEW_MAX_SIZE, PreviewKeeper
 from .run_request import (NODE, RUN_NAME, RunRequest, checkpoint_dir, config_differences,  # noqa: F401 (API)
                           run_name_error, unpack_reward)
+from . import comfy_core as core
 
 log = logging.getLogger("BranchGRPO")
 PROGRESS_UNITS = 100  # progress-bar units per iteration: half rollout, half update
@@ -42,8 +40,7 @@ class LoraStateDict(dict):
 
 def _send(event: str, data: dict) -> None:
     try:
-        from server import PromptServer
-        server = PromptServer.instance
+        server = core.prompt_server()
         data = {"prompt_id": getattr(server, "last_prompt_id", None), **data}
         server.send_sync(event, data, server.client_id)
     except Exception:  # no server (tests, headless): nothing to stream to
@@ -63,7 +60,7 @@ class ComfyProgress(Callback):
     def __init__(self, node_id, run_name: str, start: int, total: int, decode=None):
         self.node_id, self.run_name, self.total = node_id, run_name, total
         self.iteration = start
-        self.pbar = comfy.utils.ProgressBar(total * PROGRESS_UNITS, node_id=node_id)
+        self.pbar = core.utils.ProgressBar(total * PROGRESS_UNITS, node_id=node_id)
         self.pbar.update_absolute(start * PROGRESS_UNITS)
         self.tree_view = None
         self.preview = PreviewKeeper(decode)
@@ -72,13 +69,13 @@ class ComfyProgress(Callback):
         """A preview is worth no run: a failure to decode it is logged, only an interrupt goes through."""
         try:
             update(*args)
-        except comfy.model_management.InterruptProcessingException:
+        except core.Interrupted:
             raise
         except Exception as e:  # noqa: BLE001
             log.warning("BranchGRPO %s: no preview this iteration (%s: %s)", self.run_name, type(e).__name__, e)
 
     def on_model_call(self, phase, done, total):
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        core.check_interrupted()
         if phase not in ("rollout", "train"):  # the measurements after the update: the bar stays
             return
         frac = done / max(total, 1)
@@ -276,7 +273,7 @@ def outputs(request: RunRequest, plan: memory.RunPlan, trained: Trained, model) 
         "branchgrpo.reward": ",".join(getattr(r, "name", type(r).__name__) for r in request.rewards),
         "branchgrpo.run_name": request.run_name, "branchgrpo.latent_shape": json.dumps(list(request.latent_shape)),
     }
-    out_model, _ = comfy.sd.load_lora_for_models(model, None, dict(lora_sd), 1.0, 0)
+    out_model, _ = core.sd.load_lora_for_models(model, None, dict(lora_sd), 1.0, 0)
     metrics = {"run_name": request.run_name, "history": trainer.history, "checkpoint": request.checkpoint,
                "resumed_from": trained.resumed_from or 0,
                "memory_estimate": plan.run_memory.to_dict() if plan.run_memory is not None else {}}

@@ -77,15 +77,33 @@ def _module_file(core: Path, dotted: str) -> Path | None:
     return None
 
 
+CORE_MODULE = ROOT / "nodes" / "comfy_core.py"
+
+
+def core_aliases() -> dict[str, str]:
+    """The names ``nodes/comfy_core.py`` binds to ComfyUI modules at its top level (``mm`` ->
+    ``comfy.model_management``, ``samplers`` -> ``comfy.samplers``, ``folder_paths`` -> ``folder_paths``): what
+    the other modules reach through it (``core.mm.get_torch_device``)."""
+    out = {}
+    for node in ast.parse(CORE_MODULE.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "comfy" or a.name in TOP_LEVEL:
+                    out[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+    return out
+
+
 def used_names() -> set[tuple[str, ...]]:
     """Every ComfyUI internal the product names: ``(module,)`` for an import, ``(module, name)`` for a
     ``from module import name``, and the dotted chain of an attribute reference rooted at an imported ComfyUI
     module (``("comfy", "model_management", "get_torch_device")``; aliases resolved). Which part of a chain is
     the module is decided against each core (:func:`missing_in`)."""
     out: set[tuple[str, ...]] = set()
+    aliases = core_aliases()
     for path in PRODUCT:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         roots: dict[str, str] = {}  # a name bound by an import in this file -> the module it is
+        through_core: set[str] = set()  # names this file binds to nodes/comfy_core.py
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
@@ -98,6 +116,14 @@ def used_names() -> set[tuple[str, ...]]:
                 if node.module.split(".")[0] == "comfy" or node.module in TOP_LEVEL:
                     for a in node.names:
                         out.add((*node.module.split("."), a.name))
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == "comfy_core":
+                for a in node.names:  # from .comfy_core import mm
+                    if a.name in aliases:
+                        roots[a.asname or a.name] = aliases[a.name]
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None:
+                for a in node.names:  # from . import comfy_core as core: core.mm.x -> comfy.model_management.x
+                    if a.name == "comfy_core":
+                        through_core.add(a.asname or a.name)
         roots = {k: v for k, v in roots.items() if k and v}
         for node in ast.walk(tree):
             if not isinstance(node, ast.Attribute):
@@ -106,9 +132,13 @@ def used_names() -> set[tuple[str, ...]]:
             while isinstance(cur, ast.Attribute):
                 chain.append(cur.attr)
                 cur = cur.value
-            if isinstance(cur, ast.Name) and cur.id in roots:
-                chain.reverse()
+            chain.reverse()
+            full = None
+            if isinstance(cur, ast.Name) and cur.id in through_core and chain[0] in aliases and len(chain) > 1:
+                full = tuple(aliases[chain[0]].split(".")) + tuple(chain[1:])
+            elif isinstance(cur, ast.Name) and cur.id in roots:
                 full = tuple(roots[cur.id].split(".")) + tuple(chain)
+            if full is not None:
                 if not any(part.startswith("__") for part in full):
                     out.add(full)
     return out
@@ -197,6 +227,9 @@ def test_the_pack_names_internals_and_the_collector_sees_each_form():
     names = used_names()
     assert ("comfy", "model_management", "get_torch_device") in names  # comfy.X.name
     assert ("comfy", "model_management", "soft_empty_cache") in names  # through an alias (mm.)
+    assert ("comfy", "model_management", "get_free_memory") in names  # through comfy_core (core.mm.)
+    assert ("comfy", "samplers", "CFGGuider") in names or ("comfy", "samplers", "sampling_function") in names
+    assert ("comfy", "weight_adapter", "adapter_maps") in names
     assert ("folder_paths", "get_full_path") in names
     assert ("comfy", "samplers", "sampling_function") in names
     assert ("comfy", "weight_adapter", "lora", "LoraDiff") in names  # from comfy.X.Y import name

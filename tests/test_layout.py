@@ -212,5 +212,25 @@ def test_the_trainers_path_through_nodes_never_climbs_back_up():
     assert {"memory", "comfy_model", "adapters"} <= graph["trainer"]
     assert _cycle({"a": {"b"}, "b": {"a"}}) is not None  # the check can fail
     assert _cycle(graph) is None, _cycle(graph)
-    for low in ("memory", "comfy_model", "adapters", "model_management", "shims"):
+    for low in ("memory", "comfy_model", "adapters", "comfy_core", "shims"):
         assert "trainer" not in graph[low], low
+
+
+#: ComfyUI's own modules (its public node schema ``comfy_api`` excepted)
+COMFY_INTERNALS = ("comfy", "comfy_extras", "comfy_execution", "node_helpers", "folder_paths", "server",
+                   "comfyui_version", "latent_preview", "execution")
+
+
+def _comfy_imports(path: Path) -> list[str]:
+    package = tuple(path.relative_to(ROOT).parts[:-1])
+    return [f"{path.relative_to(ROOT)}:{line}: {mod}" for line, mod in
+            _imported_modules(path.read_text(encoding="utf-8"), package) if mod.split(".")[0] in COMFY_INTERNALS]
+
+
+def test_only_comfy_core_imports_comfyuis_internals():
+    """One module holds ComfyUI's internals (``nodes/comfy_core.py``): no other file of the product imports
+    ``comfy.*``, ``comfy_extras``, ``folder_paths``, ``server``, ... (``comfy_api`` is ComfyUI's public API)."""
+    core = ROOT / "nodes" / "comfy_core.py"
+    assert _comfy_imports(core), "the checker sees comfy_core's own imports"  # the check can fail
+    others = [hit for path in _product_files() if path != core for hit in _comfy_imports(path)]
+    assert not others, others
