@@ -75,7 +75,7 @@ def sha256(path: Path) -> str:
 
 
 def tar_xz(out: Path, items: list[tuple[Path, str]], exclude=frozenset()) -> None:
-    """``(path, name in the archive)`` pairs into ``out`` (xz -9; every core when the xz command is there),
+    """``(path, name in the archive)`` pairs into ``out`` (xz -6; every core when the xz command is there),
     leaving out any entry with a path part in ``exclude``."""
     def keep(ti: tarfile.TarInfo):
         return None if any(p in exclude for p in Path(ti.name).parts) else ti
@@ -85,10 +85,10 @@ def tar_xz(out: Path, items: list[tuple[Path, str]], exclude=frozenset()) -> Non
         for path, name in items:
             tar.add(path, arcname=name, filter=keep)
     if shutil.which("xz"):
-        subprocess.run(["xz", "-9", "-T0", "-f", str(buf)], check=True)
+        subprocess.run(["xz", "-6", "-T0", "-f", str(buf)], check=True)
     else:
         import lzma
-        with open(buf, "rb") as f, lzma.open(out, "wb", preset=9) as g:
+        with open(buf, "rb") as f, lzma.open(out, "wb", preset=6) as g:
             shutil.copyfileobj(f, g)
         buf.unlink()
 

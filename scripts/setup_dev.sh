@@ -216,7 +216,10 @@ if [[ -f "$CORE2_SRC/main.py" ]]; then
   step "the GPU check's kit (.gpu-kit/)"
   bash "$ROOT/scripts/gpu_kit.sh"
   KIT_VENV="$ROOT/.venv-kit312"
-  PY312="$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)"
+  PY312=""  # the first Python 3.12 that runs (a pyenv shim on PATH may not)
+  for c in "$(command -v python3.12 || true)" $(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -V -r); do
+    if [[ -n "$c" ]] && "$c" -c 'import sys, venv; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY312="$c"; break; fi
+  done
   KIT_STAMP="$(sha256sum "$ROOT/scripts/device_image.txt" | cut -d' ' -f1)"
   if [[ -z "$PY312" ]]; then
     step "no python3.12 here: .venv-kit312/ not built (tests/test_gpu_kit.py skips its CPU form)"
