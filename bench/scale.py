@@ -44,6 +44,7 @@ import torch
 from bench import sandbox
 from bench.families import (FAMILIES, FULL_DEPTH, build_model, init_weights_, latent_shape,  # noqa: F401
                             narrowed, parse_resolution, random_cond)
+from bench.instrument import PhaseMemory, malloc_pinned
 from bench.sandbox import COMFY_DIR
 
 RATIO_PRESETS = ("dancegrpo", "branchgrpo", "branchgrpo-deppru", "branchgrpo-mix")
@@ -183,7 +184,10 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
     timers = {"decode": 0.0, "reward": 0.0}
     state = {"live": None}
 
+    instrument = PhaseMemory(device)  # the independent measurement (bench.instrument)
+
     def set_phase(name):
+        instrument.switch(name)
         if state["live"] is not None:
             state["live"].set_phase(name)
         if device.type == "cuda":
@@ -250,6 +254,7 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
                     torch.cuda.synchronize()
                     gpu_peaks.clear()
                     current["name"] = None
+                instrument.new_round()
                 with (live if live is not None else contextlib.nullcontext()):
                     set_phase("rollout")
                     m = trainer.step()
@@ -303,10 +308,33 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
         "leaves": int(last["leaves"]), "edges_trained": int(last["edges_trained"]),
         "weights_by_dtype": {k: int(v) for k, v in weights.items()},
         "measured": measured_detail, "predicted": predicted.to_dict(), "full_depth": full_pred.to_dict(),
+        "instrument": {"kind": ("CUDA caching allocator (max_memory_allocated / reserved) and mem_get_info"
+                                if device.type == "cuda" else "the kernel's peak resident set size (VmHWM), reset "
+                                "per phase"), "malloc_pinned": malloc_pinned(), "rounds": instrument.rounds},
+        "transients": compare_transients(predicted, instrument.rounds),
         "seconds_build": t_build, "seconds_predict": t_predict,
         "stand_ins": {"vae": "TAESD decoder (random weights, 2.4 M params)", "reward": "colorfulness (weight-free)"},
     }
     return run
+
+
+PHASES = ("rollout", "decode", "reward", "update", "metrics")
+
+
+def compare_transients(predicted, rounds: list[dict]) -> dict:
+    """Per phase: the predicted transient (the phase's peak less its resident terms) against the measured one
+    (the instrument's peak less the phase's baseline) of each iteration, and their relative error
+    ``(predicted - measured) / measured``."""
+    pred = predicted.to_dict()["phases"]
+    out = {}
+    for name in PHASES:
+        if name not in pred:
+            continue
+        p = int(pred[name].get("transient", 0))
+        measured = [int(r[name]["transient"]) for r in rounds if name in r]
+        out[name] = {"predicted": p, "measured": measured,
+                     "error": [(p - m) / m if m > 0 else None for m in measured]}
+    return out
 
 
 def saved_breakdown(family: str, args, cm, mprobe, mp) -> dict:

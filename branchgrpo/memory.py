@@ -44,7 +44,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["storage_key", "tensor_bytes", "module_bytes", "optimizer_bytes", "tree_bytes", "planned_tree_bytes",
+__all__ = ["cpu_internal_bytes", "storage_key", "tensor_bytes", "module_bytes", "optimizer_bytes", "tree_bytes", "planned_tree_bytes",
            "LiveTensors", "SavedTensors", "Phase", "RunMemory", "plan_run", "extrapolate_depth", "cards_fitting",
            "CARDS_GB", "gib", "ADAMW_BYTES_PER_PARAM"]
 
@@ -122,6 +122,69 @@ def planned_tree_bytes(schedule: Any, num_prompts: int, latent_shape: Sequence[i
     return {"stored": stored, "building": stored + nodes * latent + records, "nodes": nodes, "leaves": leaves}
 
 
+#: elementwise operators whose CPU kernels cast an operand of another floating dtype into a temporary buffer
+_PROMOTING_OPS = {"add", "sub", "mul", "div", "rsub", "maximum", "minimum", "where", "lerp", "addcmul", "addcdiv"}
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def cpu_internal_bytes(func, args, kwargs, out=None) -> int:
+    """Bytes a CPU operator allocates inside its kernel, beyond its outputs: memory no tensor shows, measured
+    against the kernel's peak resident set size (``bench.instrument``) and modelled here so that the prediction
+    counts it. Two cases matter for the models here (0 otherwise, and on every other device):
+
+    * an elementwise operator on floating tensors of different dtypes (ComfyUI's LoRA ``w + scale * diff``: a
+      bf16 weight and an fp32 delta): the operand of the other dtype is cast into a temporary of the result's
+      dtype, ``numel x itemsize``;
+    * ``bmm`` / ``baddbmm`` in bf16 / fp16 with an operand broadcast over the batch (stride 0; what ``F.linear``
+      makes of a non-contiguous 3-D input: the weight expanded per sample): the operand is materialised, and a
+      non-contiguous one copied; fp32 goes to a BLAS that takes the strides as they are;
+    * a 2-D convolution (oneDNN): its blocked layout copies the larger of input and output (channels padded to
+      blocks of 16) and the weight, and pads an output of other than a multiple of 16 channels once more;
+    * ``upsample_nearest2d``: computed in channels-last, then copied back (the output again, and the input).
+
+    Fitted on this pack's models (FLUX / SD3 / Wan blocks, ComfyUI's TAESD decoder) at a few shapes each, within
+    a few per cent of each kernel's measured peak; ``out`` is the operator's result.
+    """
+    name = getattr(getattr(func, "_schema", None), "name", "").split("::")[-1]
+    if name.endswith("_"):
+        name = name[:-1]
+    tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return 0
+    if name in _PROMOTING_OPS:
+        floats = [t for t in tensors if t.is_floating_point()]
+        if len({t.dtype for t in floats}) < 2:
+            return 0
+        common = floats[0].dtype
+        for t in floats[1:]:
+            common = torch.promote_types(common, t.dtype)
+        size = torch.empty((), dtype=common).element_size()
+        return sum(t.numel() * size for t in floats if t.dtype != common and t.dim() > 0)
+    if name == "convolution" and tensors[0].dim() == 4 and tensors[0].is_floating_point():
+        # oneDNN works in its blocked layout (channels in blocks of 16): the input or the output is reordered
+        # (whichever is larger), the weight too, and an output of fewer than 16 channels is padded to a block
+        x, w = tensors[0], tensors[1]
+        n, _, h, wd = x.shape
+        o, k_h, k_w = w.shape[0], w.shape[2], w.shape[3]
+        stride, padding, dilation = (list(args[i]) if len(args) > i else [1, 1] for i in (3, 4, 5))
+        oh = (h + 2 * padding[0] - dilation[0] * (k_h - 1) - 1) // stride[0] + 1
+        ow = (wd + 2 * padding[1] - dilation[1] * (k_w - 1) - 1) // stride[1] + 1
+        padded_out = n * (-(-o // 16) * 16) * oh * ow * x.element_size()
+        x_bytes, w_bytes = x.numel() * x.element_size(), w.numel() * w.element_size()
+        return max(x_bytes, padded_out) + w_bytes + (padded_out if o % 16 else 0)
+    if name == "upsample_nearest2d":
+        # computed in channels-last and copied back: the output once more, and the input
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in outs + tensors[:1])
+    if name in ("bmm", "baddbmm"):
+        extra = 0
+        for t in tensors:
+            if t.dim() == 3 and t.dtype in _LOW_PRECISION and not t.is_contiguous():
+                extra += t.numel() * t.element_size()
+        return extra
+    return 0
+
+
 class LiveTensors(TorchDispatchMode):
     """Bytes of the tensors created under this mode that are still alive; their peak, overall and per phase.
 
@@ -129,7 +192,8 @@ class LiveTensors(TorchDispatchMode):
     reference on the storage subtracts them when the storage is freed (by whatever held it last: a Python
     name, autograd's saved tensors, a view). Tensors that existed before the mode was entered are not
     counted (count them as resident). ``phase(name)`` starts a phase whose peak is kept apart; a phase
-    starts at the bytes alive when it begins."""
+    starts at the bytes alive when it begins. Buffers a CPU kernel allocates inside itself
+    (:func:`cpu_internal_bytes`) count at the moment the operator runs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,6 +203,7 @@ class LiveTensors(TorchDispatchMode):
         self._live: dict[int, int] = {}
         self.phase_peaks: dict[str, int] = {}
         self._phase: str | None = None
+        self.internal_peak = 0  # the largest buffer an operator allocated inside its kernel (cpu_internal_bytes)
 
     # ----------------------------------------------------------------- bookkeeping
     def _freed(self, key: int) -> None:
@@ -181,6 +246,13 @@ class LiveTensors(TorchDispatchMode):
         for t in flat_out:
             if isinstance(t, torch.Tensor):
                 self._track(t, input_keys)
+        extra = cpu_internal_bytes(func, args, kwargs, out)  # the kernel's own buffers, alive while it ran
+        if extra:
+            self.internal_peak = max(self.internal_peak, extra)
+            if self.current + extra > self.peak:
+                self.peak = self.current + extra
+            if self._phase is not None and self.current + extra > self.phase_peaks[self._phase]:
+                self.phase_peaks[self._phase] = self.current + extra
         return out
 
     @contextmanager
