@@ -37,8 +37,11 @@ def reexec_pinned(argv: list[str] | None = None) -> None:
     """Restart this Python with :data:`MALLOC_ENV` set (glibc reads it at start), unless it already is."""
     if malloc_pinned():
         return
-    os.execve(sys.executable, [sys.executable, *(argv if argv is not None else sys.argv)],
-              {**os.environ, **MALLOC_ENV})
+    if argv is None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        argv = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name else sys.argv
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **MALLOC_ENV})
 
 
 def _status_kb(field: str) -> int:

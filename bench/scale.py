@@ -44,7 +44,7 @@ import torch
 from bench import sandbox
 from bench.families import (FAMILIES, FULL_DEPTH, build_model, init_weights_, latent_shape,  # noqa: F401
                             narrowed, parse_resolution, random_cond)
-from bench.instrument import PhaseMemory, malloc_pinned
+from bench.instrument import PhaseMemory, malloc_pinned, reexec_pinned
 from bench.sandbox import COMFY_DIR
 
 RATIO_PRESETS = ("dancegrpo", "branchgrpo", "branchgrpo-deppru", "branchgrpo-mix")
@@ -177,7 +177,8 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
     # ---- the Trainer's prediction, before anything runs
     t0 = time.perf_counter()
     predicted = mprobe.predict_memory(mp, latent, cfg, lora_cfg, checkpointing=use_gc, num_prompts=len(prompts),
-                                      text_tokens=args.text_tokens, guidance=guidance, vae=decoder)
+                                      text_tokens=args.text_tokens, guidance=guidance, vae=decoder,
+                                      device=device.type)
     t_predict = time.perf_counter() - t0
 
     # ---- the run
@@ -187,7 +188,12 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
     instrument = PhaseMemory(device)  # the independent measurement (bench.instrument)
 
     def set_phase(name):
+        plant = getattr(args, "plant_update_mib", 0)  # a test of the instrument: memory the prediction cannot know
+        if plant and name != "update":
+            state["plant"] = None  # freed before the next phase's baseline is read
         instrument.switch(name)
+        if plant and name == "update" and state.get("plant") is None:
+            state["plant"] = torch.ones(plant * 2 ** 18)  # float32: MiB x 2^18 values
         if state["live"] is not None:
             state["live"].set_phase(name)
         if device.type == "cuda":
@@ -286,7 +292,8 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
     # full depth: the same prediction on the family's full model (sizes only)
     full = build_model(family, args.weight_dtype, None, device, fake=True)
     full_pred = mprobe.predict_memory(full, latent, cfg, lora_cfg, checkpointing=use_gc, num_prompts=len(prompts),
-                                      text_tokens=args.text_tokens, guidance=guidance, vae=decoder)
+                                      text_tokens=args.text_tokens, guidance=guidance, vae=decoder,
+                                      device=device.type)
     per_it = [m["time_rollout"] + m["time_reward"] + m["time_update"] for m in metrics]
     run = {
         "family": family, "resolution": res if isinstance(res, int) else list(res), "frames": frames if spec["video"] else 1,
@@ -337,6 +344,55 @@ def compare_transients(predicted, rounds: list[dict]) -> dict:
     return out
 
 
+TRANSIENT_FAMILIES = ("flux-dev", "sd35-medium", "wan21-1.3b")
+#: a phase agrees when its predicted transient is within this share of the measured one, or within
+#: TOLERANCE_BYTES (a phase that allocates almost nothing: the reward's colourfulness, a few hundred KiB)
+TOLERANCE, TOLERANCE_BYTES = 0.15, 2 ** 20
+
+
+def transients(args, device, cm, mprobe) -> dict:
+    """The transient of every phase, predicted against measured, at iterations 1 and 2 (2: the steady state,
+    AdamW's moments and the previous tree alive), for each family x checkpointing x training batch."""
+    import copy
+    families = args.family if args.family_given else list(TRANSIENT_FAMILIES)
+    rows, runs = [], []
+    for family in families:
+        for ckpt in ("on", "off"):
+            for tb in (int(v) for v in args.train_batches.split(",")):
+                a = copy.copy(args)
+                a.checkpointing, a.max_train_batch, a.max_batch = ckpt, tb, max(args.max_batch, tb)
+                run = run_one(family, a, args.preset, device, cm, mprobe)
+                runs.append(run)
+                for phase, t in run["transients"].items():
+                    steady = t["measured"][-1]
+                    err = abs(t["predicted"] - steady)
+                    rows.append({"family": family, "checkpointing": ckpt == "on", "max_train_batch": tb,
+                                 "phase": phase, "predicted": t["predicted"], "measured": t["measured"],
+                                 "error": t["error"][-1],
+                                 "within": bool(err <= max(TOLERANCE * steady, TOLERANCE_BYTES))})
+                print(f"{family} checkpointing {ckpt} train batch {tb}: " + ", ".join(
+                    f"{r['phase']} {r['predicted'] / 2 ** 20:.1f}/{r['measured'][-1] / 2 ** 20:.1f} MiB"
+                    for r in rows[-len(run['transients']):]), flush=True)
+    return {"rows": rows, "runs": runs, "tolerance": TOLERANCE, "tolerance_bytes": TOLERANCE_BYTES,
+            "malloc_pinned": malloc_pinned(), "instrument": runs[0]["instrument"]["kind"] if runs else None,
+            "shape": {"resolution": args.resolution, "frames": args.frames, "steps": args.steps,
+                      "group_size": args.group_size, "split_steps": args.split_steps, "text_tokens": args.text_tokens,
+                      "lora_rank": args.lora_rank, "lora_targets": args.lora_targets, "blocks": args.blocks,
+                      "iterations": args.iterations, "preset": args.preset}}
+
+
+def transients_markdown(t: dict) -> str:
+    """The table of :func:`transients` (MiB; steady state = iteration 2)."""
+    lines = ["| family | checkpointing | train batch | phase | predicted MiB | measured MiB (it. 1 / 2) | error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in t["rows"]:
+        m = " / ".join(f"{v / 2 ** 20:.1f}" for v in r["measured"])
+        err = f"{r['error']:+.1%}" if r["error"] is not None else "n/a"
+        lines.append(f"| {r['family']} | {'on' if r['checkpointing'] else 'off'} | {r['max_train_batch']} | "
+                     f"{r['phase']} | {r['predicted'] / 2 ** 20:.1f} | {m} | {err}{'' if r['within'] else ' (out)'} |")
+    return "\n".join(lines)
+
+
 def saved_breakdown(family: str, args, cm, mprobe, mp) -> dict:
     """Bytes saved for backward per block (checkpointing off), at the run's shape, on the measured model's twin."""
     from branchgrpo.lora import LoRAConfig
@@ -378,12 +434,12 @@ def memory_table(args, cm, mprobe) -> list[dict]:
                 cfg = preset("branchgrpo")
                 cfg.max_batch = mb
                 cfg.optim.max_train_batch = mtb if gc else 1
-                vae_sizes = mprobe.vae_probe(vae_cache[spec["vae"]], latent, 1)
+                vae_sizes = mprobe.vae_probe(vae_cache[spec["vae"]], latent, 1, kernel_device="cuda")
                 lora_cfg = LoRAConfig(rank=32, alpha=32.0)
                 t0 = time.perf_counter()
                 run = mprobe.predict_memory(full, latent, cfg, lora_cfg, checkpointing=gc, num_prompts=1,
                                             text_tokens=512, guidance=spec["guidance"], vae_sizes=vae_sizes,
-                                            reward_weights=hps["weights"], reward_chunk=hps["chunk"])
+                                            reward_weights=hps["weights"], reward_chunk=hps["chunk"], device="cuda")
                 row = {"family": family, "resolution": res if isinstance(res, int) else list(res),
                        "frames": frames, "weight_dtype": weight_dtype, "checkpointing": gc, "max_batch": mb,
                        "max_train_batch": cfg.optim.max_train_batch, "peak_bytes": run.peak,
@@ -476,12 +532,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ratios", action="store_true", help="seconds per iteration of --presets side by side")
     ap.add_argument("--presets", default=",".join(RATIO_PRESETS), help="presets for --ratios")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of --ratios (presets interleaved)")
+    ap.add_argument("--transients", action="store_true",
+                    help="each phase's transient, predicted against measured (bench.instrument), for --family (default "
+                         "FLUX.1-dev, SD3.5 Medium, Wan 2.1 1.3B) x checkpointing on/off x --train-batches")
+    ap.add_argument("--plant-update-mib", type=int, default=0,
+                    help="(a test of the instrument) keep a tensor of this many MiB alive through each update")
+    ap.add_argument("--train-batches", default="4,16", help="max_train_batch values for --transients")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     return ap
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    args.family_given = bool(args.family)
+    if args.device == "cpu" and not args.ratios and not args.table and argv is None:
+        reexec_pinned()  # the kernel's peak counter follows what is alive only with glibc's thresholds pinned
     args.family = args.family or ["flux-dev"]
     args.presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
     if args.width:
@@ -500,6 +565,10 @@ def main(argv=None) -> dict:
         result["table"] = rows
         result["table_markdown"] = table_markdown(rows)
         print(result["table_markdown"])
+    elif args.transients:
+        result["transients"] = transients(args, device, cm, mprobe)
+        result["runs"] = result["transients"].pop("runs")
+        print(transients_markdown(result["transients"]))
     elif args.ratios:
         result["ratios"] = ratios(args, device, cm, mprobe)
         result["runs"] = result["ratios"].pop("runs")

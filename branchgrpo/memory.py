@@ -127,7 +127,7 @@ _PROMOTING_OPS = {"add", "sub", "mul", "div", "rsub", "maximum", "minimum", "whe
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def cpu_internal_bytes(func, args, kwargs, out=None) -> int:
+def cpu_internal_bytes(func, args, kwargs, out=None, device: str | None = None) -> int:
     """Bytes a CPU operator allocates inside its kernel, beyond its outputs: memory no tensor shows, measured
     against the kernel's peak resident set size (``bench.instrument``) and modelled here so that the prediction
     counts it. Two cases matter for the models here (0 otherwise, and on every other device):
@@ -143,13 +143,16 @@ def cpu_internal_bytes(func, args, kwargs, out=None) -> int:
     * ``upsample_nearest2d``: computed in channels-last, then copied back (the output again, and the input).
 
     Fitted on this pack's models (FLUX / SD3 / Wan blocks, ComfyUI's TAESD decoder) at a few shapes each, within
-    a few per cent of each kernel's measured peak; ``out`` is the operator's result.
+    a few per cent of each kernel's measured peak; ``out`` is the operator's result. ``device``: the device the
+    operator will run on when it is not the tensors' own (a prediction for CUDA probed on fake CPU tensors:
+    CUDA's kernels cast inside the kernel and take broadcast operands as they are).
     """
     name = getattr(getattr(func, "_schema", None), "name", "").split("::")[-1]
     if name.endswith("_"):
         name = name[:-1]
     tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-    if not tensors or any(t.device.type != "cpu" for t in tensors):
+    if not tensors or (device or tensors[0].device.type) != "cpu" or \
+            (device is None and any(t.device.type != "cpu" for t in tensors)):
         return 0
     if name in _PROMOTING_OPS:
         floats = [t for t in tensors if t.is_floating_point()]
@@ -195,8 +198,9 @@ class LiveTensors(TorchDispatchMode):
     starts at the bytes alive when it begins. Buffers a CPU kernel allocates inside itself
     (:func:`cpu_internal_bytes`) count at the moment the operator runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_device: str | None = None) -> None:
         super().__init__()
+        self.kernel_device = kernel_device  # whose kernels' own buffers count (None: the tensors' device)
         self.current = 0
         self.peak = 0
         self.allocated = 0
@@ -246,7 +250,7 @@ class LiveTensors(TorchDispatchMode):
         for t in flat_out:
             if isinstance(t, torch.Tensor):
                 self._track(t, input_keys)
-        extra = cpu_internal_bytes(func, args, kwargs, out)  # the kernel's own buffers, alive while it ran
+        extra = cpu_internal_bytes(func, args, kwargs, out, self.kernel_device)  # the kernel's own buffers, alive while it ran
         if extra:
             self.internal_peak = max(self.internal_peak, extra)
             if self.current + extra > self.peak:

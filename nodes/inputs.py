@@ -112,6 +112,9 @@ EXPERT_OPTIONS: tuple[Option, ...] = (
          "(3.5 in the research code). Every other model ignores it.", min=0.0, max=100.0, step=0.1),
     _opt(io.Int, "eval_every", 10, "Held-out evaluation (ODE samples of the Prompts node's held-out prompts, fixed "
          "seeds) every N iterations; 0 = never. Unused when no prompt is held out.", min=0, max=1000000),
+    _opt(io.Float, "memory_margin", 0.10, "The caching allocator's reserve over the predicted peak (block "
+         "rounding, fragmentation), as a fraction: the budget check adds it, and on CUDA also 1 GiB for the "
+         "context and the libraries' workspaces.", min=0.0, max=2.0, step=0.01),
 )
 EXPERT = {o.name: o for o in EXPERT_OPTIONS}
 

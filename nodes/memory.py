@@ -45,7 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 
 from branchgrpo.lora import LoRAConfig
-from branchgrpo.memory import (LiveTensors, RunMemory, SavedTensors, extrapolate_depth, module_bytes,
+from branchgrpo.memory import (LiveTensors, Phase, RunMemory, SavedTensors, extrapolate_depth, module_bytes,
                                planned_tree_bytes, plan_run)
 from branchgrpo.trainer import Callback, TrainerConfig
 
@@ -62,6 +62,39 @@ TEXT_TOKENS = 512
 
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 BASE_WEIGHT_CHOICES = ("auto", "as loaded", *FP8)
+
+CUDA_RESERVE = 2 ** 30
+"""Bytes kept free on a CUDA device for what no tensor shows: the CUDA context (0.3-0.6 GiB on recent drivers)
+and the libraries' workspaces (cuBLAS, cuDNN, attention kernels). ``scripts/gpu_check.sh`` measures the context
+(``mem_get_info`` against the allocator's reserve)."""
+DEFAULT_MARGIN = 0.10
+"""The caching allocator's reserve over the bytes allocated (block rounding, fragmentation), as a fraction of the
+peak: the Trainer Settings' ``memory_margin``."""
+RESIZED_BYTES = 2 * 224 * 224 * 3 * 4
+"""A decoded leaf as a CLIP-style reward scores it: resized to 224 x 224 and normalised (two fp32 copies)."""
+
+
+def reserve_bytes(device) -> int:
+    """What :data:`CUDA_RESERVE` keeps free on ``device`` (0 off CUDA)."""
+    return CUDA_RESERVE if torch.device(device).type == "cuda" else 0
+
+
+def required_bytes(run: RunMemory, device, margin: float = DEFAULT_MARGIN) -> int:
+    """The device memory a run needs: its predicted peak, the allocator's margin over it, and the reserve."""
+    return int(run.peak * (1.0 + margin)) + reserve_bytes(device)
+
+
+def linear_cast_bytes(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """What fp8 base weights cost at compute time: ComfyUI's ops cast each Linear weight to the compute ``dtype``
+    for its call. ``largest``: one layer's cast (a no-grad call frees it at once); ``block``: the largest block's
+    casts (an update with checkpointing keeps one block's, for its backward); ``all``: every layer's (an update
+    without checkpointing keeps each cast until the backward reaches it)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per = [m.weight.numel() * size for m in diffusion_model.modules()
+           if isinstance(m, torch.nn.Linear) and hasattr(m, "comfy_cast_weights")]
+    blocks = [sum(m.weight.numel() * size for m in b.modules() if isinstance(m, torch.nn.Linear))
+              for lst in block_lists(diffusion_model).values() for b in lst]
+    return {"largest": max(per, default=0), "block": max(blocks, default=0), "all": sum(per)}
 #: ``auto`` stores the base in fp8 when the weights as loaded take more than this share of the budget
 #: (the rest is for the VAE, the reward model, the stored tree, the LoRA's optimizer state and activations).
 FP8_WHEN_WEIGHTS_OVER = 0.5
@@ -326,9 +359,11 @@ def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig
                 train_batch: int, checkpointing: bool, text_tokens: int = 512, guidance: float | None = 3.5,
                 metrics_batch: int = 0, conditioning: list | None = None,
                 keep: Sequence[int] | None = None, count_saved: bool = False, fake: bool = True,
-                algorithm: str = "LoRA", train_bias_norm: bool = False) -> dict:
+                algorithm: str = "LoRA", train_bias_norm: bool = False, kernel_device: str | None = None) -> dict:
     """Transient bytes of one rollout call and of one update chunk on a fake twin (no arithmetic); with
-    ``fake=False`` the same calls on the model itself, computed (the measurement the sizing is checked against)."""
+    ``fake=False`` the same calls on the model itself, computed (the measurement the sizing is checked against).
+    ``kernel_device``: the device type the run computes on (``"cuda"``; None: the CPU the probe runs on), whose
+    kernels' own buffers count (:func:`branchgrpo.memory.cpu_internal_bytes`)."""
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     with torch.inference_mode(False), mode:
         twin = fake_twin(model_patcher, keep, mode) if fake else model_patcher
@@ -346,21 +381,21 @@ def probe_calls(model_patcher, latent_shape: Sequence[int], lora_cfg: LoRAConfig
         call = SamplingCall(mp, cond, latent_shape)
         out: dict[str, Any] = {"blocks": [len(b) for b in block_lists(dm).values()]}
         x = torch.randn(max(rollout_batch, metrics_batch), *latent_shape)
-        live = LiveTensors()
+        live = LiveTensors(kernel_device)
         with live, torch.no_grad():
             v = call(x[:rollout_batch], torch.full((rollout_batch,), 0.5))
         del v
         out["rollout_call"] = live.peak
         out["metrics_call"] = 0
         if metrics_batch:
-            live = LiveTensors()
+            live = LiveTensors(kernel_device)
             with live, torch.no_grad():
                 v = call(x[:metrics_batch], torch.full((metrics_batch,), 0.5))
                 v_ref = call(x[:metrics_batch], torch.full((metrics_batch,), 0.5))
             del v, v_ref
             out["metrics_call"] = live.peak
         x = torch.randn(train_batch, *latent_shape)
-        live = LiveTensors()
+        live = LiveTensors(kernel_device)
         saved = SavedTensors(exclude=frozen)
         if count_saved:
             saved.label_blocks(block_lists(dm))
@@ -423,7 +458,7 @@ class _DecodeOnly(torch.nn.Module):
         return self._vae.decode(z)
 
 
-def vae_probe(vae, latent_shape: Sequence[int], batch: int) -> dict:
+def vae_probe(vae, latent_shape: Sequence[int], batch: int, kernel_device: str | None = None) -> dict:
     """Weights and the transient bytes of decoding ``batch`` latents with the VAE (its real weights, fake
     inputs, no gradients); ``image_bytes_per_leaf``: one decoded leaf as float32 pixels."""
     fsm = getattr(vae, "first_stage_model", vae)
@@ -435,7 +470,7 @@ def vae_probe(vae, latent_shape: Sequence[int], batch: int) -> dict:
     device = next((p.device for p in fsm.parameters()), CPU)
     with torch.inference_mode(False), mode, torch.no_grad():
         z = torch.randn(batch, *latent_shape, dtype=dtype, device=device)
-        live = LiveTensors()
+        live = LiveTensors(kernel_device)
         with live:
             img = fsm.decode(z)
         per_leaf = img.numel() * 4 // batch
@@ -471,13 +506,17 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
                    checkpointing: bool, num_prompts: int = 1, text_tokens: int = 512, guidance: float | None = 3.5,
                    vae=None, vae_sizes: dict | None = None, decode_batch: int | None = None,
                    reward_weights: int = 0, reward_chunk: int = 0, conditioning: list | None = None,
-                   algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None) -> RunMemory:
+                   algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None,
+                   device: str | None = None, cfg: float = 1.0, reward_batch: int = 0) -> RunMemory:
     """The peak of a training run with ``config`` (a :class:`~branchgrpo.trainer.TrainerConfig`), per phase.
 
     ``vae``: probed for its decode (``vae_sizes`` instead gives the sizes: ``weights``, ``decode_chunk``,
     ``image_bytes_per_leaf``); ``reward_weights`` / ``reward_chunk``: the reward models' bytes and one chunk's
-    scoring transient (not probed)."""
+    scoring transient (not probed; with ``reward_batch``, the leaves of one chunk on the device and resized,
+    :data:`RESIZED_BYTES`). ``cfg`` > 1: true CFG, every model call runs the prompts' and the negative's rows
+    together (ComfyUI's ``calc_cond_batch``), twice the rows of each probe."""
     dm = model_patcher.model.diffusion_model
+    rows = 2 if cfg > 1.0 else 1
     schedule = config.schedule
     tree = planned_tree_bytes(schedule, config.prompts_per_iteration, latent_shape)
     widest = config.prompts_per_iteration * max([schedule.group_size, *schedule.width_before()])
@@ -485,16 +524,18 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
     inner = tree["nodes"] - tree["leaves"]
     train_batch = min(config.optim.max_train_batch, inner)
     metrics_batch = min(getattr(config, "kl_metric_parents", 0), config.max_batch, inner)
-    probes = probe_full_depth(model_patcher, latent_shape, lora_cfg, rollout_batch=rollout_batch,
-                              train_batch=train_batch, checkpointing=checkpointing, text_tokens=text_tokens,
-                              guidance=guidance, metrics_batch=metrics_batch, conditioning=conditioning,
-                              algorithm=algorithm, train_bias_norm=train_bias_norm)
+    probes = probe_full_depth(model_patcher, latent_shape, lora_cfg, rollout_batch=rows * rollout_batch,
+                              train_batch=rows * train_batch, checkpointing=checkpointing, text_tokens=text_tokens,
+                              guidance=guidance, metrics_batch=rows * metrics_batch, conditioning=conditioning,
+                              algorithm=algorithm, train_bias_norm=train_bias_norm, kernel_device=device)
     decode_batch = min(int(decode_batch or config.max_batch), tree["leaves"])
     if vae_sizes is None and vae is not None:
-        vae_sizes = vae_probe(vae, latent_shape, decode_batch)
+        vae_sizes = vae_probe(vae, latent_shape, decode_batch, kernel_device=device)
     vae_sizes = vae_sizes or {"weights": 0, "decode_chunk": 0, "image_bytes_per_leaf": 0}
     weights = module_bytes(dm)
     n_lora = lora_param_count(dm, lora_cfg, algorithm, train_bias_norm, existing)
+    if reward_weights and reward_batch and not reward_chunk:
+        reward_chunk = min(reward_batch, tree["leaves"]) * (vae_sizes["image_bytes_per_leaf"] + RESIZED_BYTES)
     run = plan_run(weights=sum(weights.values()), lora_params=n_lora,
                    conditioning=conditioning_bytes(dm, text_tokens, num_prompts), tree=tree,
                    rollout_call=probes["rollout_call"], update_chunk=probes["update_chunk"],
@@ -503,7 +544,8 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
                    images=vae_sizes["image_bytes_per_leaf"] * tree["leaves"])
     run.details.update(weights_by_dtype=weights, lora_params=n_lora, tree=tree, rollout_batch=rollout_batch,
                        train_batch=train_batch, metrics_batch=metrics_batch, decode_batch=decode_batch,
-                       checkpointing=checkpointing, probes=probes, vae=vae_sizes, text_tokens=text_tokens)
+                       checkpointing=checkpointing, probes=probes, vae=vae_sizes, text_tokens=text_tokens,
+                       cfg_rows=rows, reward_chunk=reward_chunk)
     return run
 
 
@@ -515,8 +557,9 @@ def set_weights(run: RunMemory, weights: int) -> None:
     run.details["weights_stored"] = int(weights)
 
 
-def budget_message(node: str, run: RunMemory, budget: int) -> str:
-    """Why a run does not fit ``budget`` bytes, and what to change, from its largest components."""
+def budget_message(node: str, run: RunMemory, budget: int, margin: float = 0.0, reserve: int = 0) -> str:
+    """Why a run does not fit ``budget`` bytes (with the allocator's ``margin`` over the peak and the CUDA
+    ``reserve``), and what to change, from its largest components."""
     gb = 2 ** 30
     phase = run.phase(run.peak_phase)
     parts = sorted(phase.components.items(), key=lambda kv: -kv[1])
@@ -533,26 +576,62 @@ def budget_message(node: str, run: RunMemory, budget: int) -> str:
     if "lora_and_adamw" in top:
         advice.append("lower lora_rank or narrow lora_targets")
     advice.append("or use a smaller latent (resolution / frames)")
+    extra = ""
+    if margin or reserve:
+        need = int(run.peak * (1.0 + margin)) + reserve
+        extra = (f", {need / gb:.2f} GiB with the allocator's {margin:.0%} margin (memory_margin)"
+                 + (f" and {reserve / gb:.2f} GiB for the CUDA context" if reserve else ""))
     return (f"{node}: memory_budget_gb — the run is too large: it needs {run.peak / gb:.2f} GiB at the peak of the "
-            f"{phase.name} ({listing}), over the {budget / gb:.2f} GiB available. To fit: " + "; ".join(advice) + ".")
+            f"{phase.name} ({listing}){extra}, over the {budget / gb:.2f} GiB available. To fit: "
+            + "; ".join(advice) + ".")
 
 
 def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoRAConfig, *, checkpointing: bool,
                        num_prompts: int, guidance, vae, rewards, decode_batch, weights_dtype=None,
-                       conditioning=None, algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None):
+                       conditioning=None, algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None,
+                       cfg: float = 1.0, reward_batch: int = 0, clip=None, device=None):
     """The run's peak per phase, predicted before iteration 1 with the accounting ``bench.scale`` measures
     (:func:`predict_memory`: FakeTensor probes of one model call of each kind at the run's
     shape, weights by dtype, LoRA + AdamW, the trees). ``weights_dtype``: the dtype the base weights will be
     stored in (fp8), when it differs from the loaded one. ``existing``: a LoRA file to continue (its modules count
-    at their own rank and algorithm)."""
+    at their own rank and algorithm).
+
+    Beyond :func:`predict_memory`: the **encode** phase (the text encoders' weights, from ComfyUI's patchers, while
+    they encode every prompt once; model management unloads them when the diffusion model needs the room, and the
+    policy releases them on a tight card), the memory ComfyUI's ``VAE.decode`` reserves for a chunk
+    (``memory_used_decode``) where it is more than the probe's, and fp8 base weights' per-layer casts
+    (:func:`linear_cast_bytes`)."""
+    kernel_device = torch.device(device).type if device is not None else None
     run = predict_memory(model, latent_shape, config, lora_cfg, checkpointing=checkpointing,
-                                      num_prompts=num_prompts, text_tokens=TEXT_TOKENS,
-                                      guidance=guidance, vae=vae, decode_batch=decode_batch,
-                                      reward_weights=reward_weight_bytes(rewards),
-                                      conditioning=conditioning, algorithm=algorithm,
-                                      train_bias_norm=train_bias_norm, existing=existing)
+                         num_prompts=num_prompts, text_tokens=TEXT_TOKENS,
+                         guidance=guidance, vae=vae, decode_batch=decode_batch,
+                         reward_weights=reward_weight_bytes(rewards),
+                         conditioning=conditioning, algorithm=algorithm,
+                         train_bias_norm=train_bias_norm, existing=existing, device=kernel_device, cfg=cfg,
+                         reward_batch=reward_batch)
+    reserved = vae_bytes_per_leaf(vae, latent_shape) * int(run.details["decode_batch"]) if vae is not None else 0
+    decode = run.phase("decode")
+    images = run.details["vae"]["image_bytes_per_leaf"] * run.details["tree"]["leaves"]
+    if reserved + images > decode.components["transient"]:
+        decode.components["transient"] = reserved + images
+    run.details["vae_reserved"] = reserved
     if weights_dtype is not None:
         set_weights(run, weight_bytes(model, weights_dtype))
+        dm = model.model.diffusion_model
+        compute = model.model.manual_cast_dtype or model.model.get_dtype()
+        loaded_fp8 = all(m.weight.dtype in FP8.values() for m in dm.modules()
+                         if isinstance(m, torch.nn.Linear) and hasattr(m, "comfy_cast_weights"))
+        if not loaded_fp8:  # probed in the loaded dtype: add the casts fp8 weights cost
+            casts = linear_cast_bytes(dm, compute if compute not in FP8.values() else torch.bfloat16)
+            for name, extra in (("rollout", casts["largest"]), ("metrics", casts["largest"]),
+                                ("update", casts["block"] if checkpointing else casts["all"])):
+                run.phase(name).components["transient"] += extra
+            run.details["fp8_casts"] = casts
+    te = sum(p.model_size() for p in patchers_of(clip)) if clip is not None else 0
+    if te:
+        cond = run.phases[0].components.get("conditioning", 0)
+        run.phases.insert(0, Phase("encode", {"text_encoders": te, "conditioning": cond}))
+    run.details["text_encoders"] = te
     return run
 
 
@@ -606,7 +685,10 @@ def plan_memory(request, model, clip, vae, reward) -> "RunPlan":
     s = request.settings
     budget = (s.memory_budget_gb * 2 ** 30 if s.memory_budget_gb > 0
               else core.mm.get_total_memory(model.load_device))
-    policy = plan(budget=budget, weights=model.model_size(), latent_shape=request.latent_shape,
+    margin = float(s.get("memory_margin", DEFAULT_MARGIN))
+    reserve = reserve_bytes(model.load_device)
+    usable = max(1, int((budget - reserve) / (1.0 + margin)))  # what the run's own tensors may take
+    policy = plan(budget=usable, weights=model.model_size(), latent_shape=request.latent_shape,
                                 max_batch=s.max_batch, vae=vae, reward=reward, base_weights=s.base_weights,
                                 release_models=s.release_models)
     try:
@@ -616,14 +698,21 @@ def plan_memory(request, model, clip, vae, reward) -> "RunPlan":
             rewards=request.rewards, decode_batch=policy.decode_batch,
             weights_dtype=FP8.get(policy.base_weights),
             conditioning=encode_prompt(clip, request.prompts[0], s.flux_guidance), algorithm=request.algorithm,
-            train_bias_norm=request.train_bias_norm, existing=request.existing)
+            train_bias_norm=request.train_bias_norm, existing=request.existing, cfg=s.cfg,
+            reward_batch=policy.reward_batch, clip=clip, device=model.load_device)
     except Exception as e:  # a model the shape-only probe cannot trace (data-dependent control flow)
-        log.warning("BranchGRPO %s: the memory prediction is unavailable for this %s model (%s: %s); the run "
-                    "is not checked against the budget.", request.run_name, model_family(model), type(e).__name__, e)
+        note = (f"memory_budget_gb — the memory prediction is unavailable for this {model_family(model)} model "
+                f"({type(e).__name__}: {str(e)[:200]}), so the run is not checked against the budget; watch the "
+                "device's memory in the first iteration (an out-of-memory error keeps the last checkpoint)")
+        request.notes.append(note)
         run_memory = None
-    if run_memory is not None and run_memory.peak > budget:
-        raise ValueError(budget_message(NODE, run_memory, int(budget)))
+    if run_memory is not None and required_bytes(run_memory, model.load_device, margin) > budget:
+        raise ValueError(budget_message(NODE, run_memory, int(budget), margin=margin, reserve=reserve))
     predicted = run_memory.summary() if run_memory is not None else f"unavailable for {model_family(model)}"
+    if run_memory is not None:
+        predicted += (f"; {required_bytes(run_memory, model.load_device, margin) / 2 ** 30:.2f} GiB with the "
+                      f"allocator's margin ({margin:.0%})" + (f" and {reserve / 2 ** 30:.2f} GiB for the CUDA context"
+                                                             if reserve else "") + f", of {budget / 2 ** 30:.2f} GiB")
     info = (f"predicted memory: {predicted}; gradient checkpointing {'on' if request.checkpointing else 'off'}; "
             f"{policy.describe()}")
     log.info("BranchGRPO %s: %s", request.run_name, info)
@@ -642,4 +731,5 @@ __all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patche
            "probe_full_depth", "vae_probe", "fake_twin", "truncate_blocks", "block_lists", "random_conditioning",
            "SamplingCall", "budget_message", "reward_weight_bytes", "lora_param_count", "text_dims",
            "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS", "plan_memory", "RunPlan", "out_of_memory_message",
-           "free_cache", "PHASE_ADVICE"]
+           "free_cache", "PHASE_ADVICE", "CUDA_RESERVE", "DEFAULT_MARGIN", "reserve_bytes", "required_bytes",
+           "linear_cast_bytes", "RESIZED_BYTES"]

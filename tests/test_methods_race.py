@@ -24,8 +24,6 @@ def test_quick_race_writes_the_table_and_the_curves(tmp_path):
         assert len(row["curve"]) >= 2 and row["curve"][0]["seconds"] == 0.0
         assert row["curve"][0]["reward"] == res["base_reward"]
         assert row["curve"][-1]["seconds"] >= res["budget_seconds"]
-    assert res["race"]["dancegrpo"]["time_to_target_ratio"] is not None
-    assert res["race"]["dancegrpo"]["time_to_target_ratio"] <= 1.0
     with Image.open(tmp_path / "race.png") as im:
         assert im.size == (1100, 640)
 
@@ -44,7 +42,6 @@ def test_time_to_target_reads_the_seed_mean_curve():
                       "optimizer_steps": 2}]}
     res = race.summarise(runs, 20.0, 2)
     assert res["target"]["reward"] == 2.0
-    assert res["race"]["dancegrpo"]["time_to_target_ratio"] == 1.0
     assert res["race"]["fast"]["time_to_target_ratio"] == 10.5 / 20.0
     assert res["race"]["slow"]["time_to_target_ratio"] is None
     # a run whose one long iteration crossed two grid times reads the same evaluation at both
