@@ -413,12 +413,41 @@ TABLE_ROWS = [  # family, resolution, frames, max_batch, max_train_batch
 ]
 
 
+#: true CFG of the shipped workflows (workflows/*.json: SD3.5 4.5, Wan 5; FLUX.1-dev is guidance-distilled)
+TABLE_CFG = {"flux-dev": 1.0, "sd35-large": 4.5, "sd35-medium": 4.5, "wan21-14b": 5.0, "wan21-1.3b": 5.0}
+#: the text encoders each family's stock loaders give (ComfyUI's own configs; fp16 as their usual files)
+TEXT_ENCODERS = {"flux-dev": ("t5_config_xxl.json", "sd1_clip_config.json"),
+                 "sd35-large": ("t5_config_xxl.json", "sd1_clip_config.json", "clip_config_bigg.json"),
+                 "sd35-medium": ("t5_config_xxl.json", "sd1_clip_config.json", "clip_config_bigg.json"),
+                 "wan21-14b": ("umt5_config_xxl.json",), "wan21-1.3b": ("umt5_config_xxl.json",)}
+
+
+def text_encoder_bytes(family: str) -> int:
+    """Bytes of the family's text encoders in fp16: ComfyUI's T5 / CLIP classes built on ``meta`` from the configs
+    ComfyUI ships, their parameters counted."""
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.text_encoders.t5 as t5
+    total = 0
+    for name in TEXT_ENCODERS[family]:
+        path = COMFY_DIR / "comfy" / "text_encoders" / name
+        if not path.is_file():
+            path = COMFY_DIR / "comfy" / name
+        cfg = json.loads(path.read_text())
+        cls = (lambda c: t5.T5(c, torch.float16, "meta", comfy.ops.manual_cast)) if name.startswith(("t5", "umt5")) \
+            else (lambda c: comfy.clip_model.CLIPTextModel(c, torch.float16, "meta", comfy.ops.manual_cast))
+        total += sum(p.numel() for p in cls(cfg).parameters()) * 2
+    return total
+
+
 def memory_table(args, cm, mprobe) -> list[dict]:
-    """Every row sized at full depth (FakeTensorMode / meta): the paper's tree (20 steps, splits 0,3,6,9, K=2,
-    16 leaves), one prompt per iteration, LoRA rank 32 on every Linear, T5 512 tokens, the real VAE decoding one
-    leaf per chunk, HPS-v2.1 scoring 16 images per chunk; VAE and reward loaded only in their phase."""
+    """Every row sized at full depth (FakeTensorMode / meta) for a CUDA card: the paper's tree (20 steps, splits
+    0,3,6,9, K=2, 16 leaves), ``--prompts`` prompts per iteration (1, as the shipped workflows), LoRA rank 32 on
+    every Linear, T5 512 tokens, the shipped workflows' true CFG (SD3.5 4.5, Wan 5), the real VAE decoding one
+    leaf per chunk, HPS-v2.1 scoring 16 images per chunk; text encoders, VAE and reward loaded only in their
+    phase. ``needs``: the peak with the allocator's margin and the CUDA reserve (nodes.memory.required_bytes)."""
     from branchgrpo.lora import LoRAConfig
-    from branchgrpo.memory import cards_fitting, gib
+    from branchgrpo.memory import Phase, gib
     from branchgrpo.presets import preset
     rows = []
     hps = hps_sizes(16)
@@ -434,40 +463,40 @@ def memory_table(args, cm, mprobe) -> list[dict]:
                 cfg = preset("branchgrpo")
                 cfg.max_batch = mb
                 cfg.optim.max_train_batch = mtb if gc else 1
+                cfg.prompts_per_iteration = args.prompts
                 vae_sizes = mprobe.vae_probe(vae_cache[spec["vae"]], latent, 1, kernel_device="cuda")
                 lora_cfg = LoRAConfig(rank=32, alpha=32.0)
                 t0 = time.perf_counter()
-                run = mprobe.predict_memory(full, latent, cfg, lora_cfg, checkpointing=gc, num_prompts=1,
+                run = mprobe.predict_memory(full, latent, cfg, lora_cfg, checkpointing=gc, num_prompts=args.prompts,
                                             text_tokens=512, guidance=spec["guidance"], vae_sizes=vae_sizes,
-                                            reward_weights=hps["weights"], reward_chunk=hps["chunk"], device="cuda")
+                                            reward_weights=hps["weights"], reward_chunk=hps["chunk"], device="cuda",
+                                            cfg=TABLE_CFG[family])
+                te = text_encoder_bytes(family)
+                run.phases.insert(0, Phase("encode", {"text_encoders": te,
+                                                      "conditioning": run.phases[0].components["conditioning"]}))
+                need = mprobe.required_bytes(run, "cuda", mprobe.DEFAULT_MARGIN)
                 row = {"family": family, "resolution": res if isinstance(res, int) else list(res),
                        "frames": frames, "weight_dtype": weight_dtype, "checkpointing": gc, "max_batch": mb,
-                       "max_train_batch": cfg.optim.max_train_batch, "peak_bytes": run.peak,
-                       "peak_phase": run.peak_phase, "fits_gb": cards_fitting(run.peak),
+                       "max_train_batch": cfg.optim.max_train_batch, "prompts_per_iteration": args.prompts,
+                       "cfg": TABLE_CFG[family], "peak_bytes": run.peak, "needs_bytes": need,
+                       "margin": mprobe.DEFAULT_MARGIN, "reserve_bytes": mprobe.reserve_bytes("cuda"),
+                       "peak_phase": run.peak_phase, "fits_gb": [c for c in CARDS if need <= c * 2 ** 30],
                        "phases": run.to_dict()["phases"], "lora_params": run.details["lora_params"],
                        "seconds_to_size": time.perf_counter() - t0}
                 rows.append(row)
                 print(f"{family:12s} {str(res):12s} {weight_dtype:5s} gc={'on ' if gc else 'off'} "
-                      f"peak {gib(run.peak):7.2f} GiB ({run.peak_phase}) fits {row['fits_gb']}", flush=True)
+                      f"peak {gib(run.peak):7.2f} GiB ({run.peak_phase}), needs {gib(need):7.2f} GiB, fits "
+                      f"{row['fits_gb']}", flush=True)
     return rows
 
 
+CARDS = (24, 48, 80)
+
+
 def table_markdown(rows: list[dict]) -> str:
-    from branchgrpo.memory import gib
-    names = {"flux-dev": "FLUX.1-dev", "sd35-large": "SD3.5 Large", "sd35-medium": "SD3.5 Medium",
-             "wan21-14b": "Wan 2.1 14B", "wan21-1.3b": "Wan 2.1 1.3B"}
-    out = ["| model | size | base | ckpt | batch / train batch | weights | tree | update activations | peak (phase) | fits |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        res = r["resolution"]
-        size = f"{res}²" if isinstance(res, int) else f"{res[0]}p×{r['frames']}"
-        up = r["phases"]["update"]
-        fits = ", ".join(f"{c}" for c in r["fits_gb"]) + " GiB" if r["fits_gb"] else "none of 24/48/80 GiB"
-        out.append(f"| {names[r['family']]} | {size} | {r['weight_dtype']} | {'on' if r['checkpointing'] else 'off'} "
-                   f"| {r['max_batch']} / {r['max_train_batch']} | {gib(up['weights']):.1f} | "
-                   f"{gib(up['tree']):.2f} | {gib(up['transient']):.1f} | {gib(r['peak_bytes']):.1f} GiB "
-                   f"({r['peak_phase']}) | {fits} |")
-    return "\n".join(out)
+    """The README's memory table (:func:`bench.tables.memory_table`)."""
+    from bench.tables import memory_table
+    return memory_table(rows)
 
 
 # ---------------------------------------------------------------------------------------------- ratios

@@ -180,8 +180,15 @@ def training_graph(models, fam: Family, run_name: str, lora_file: str, extra=Non
     return split_settings(g)
 
 
+#: the families users train most (ComfyUI's templates and the research code): the Trainer's memory prediction must
+#: be available for each, so the budget check guards their runs
+MOST_USED = {"flux", "flux_schnell", "sd3", "wan21", "wan22", "qwen_image", "hunyuan_video", "ltxv", "chroma",
+             "hidream"}
+
+
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
-def test_family_trains_and_stock_lora_loader_reproduces_it(comfy, comfy_base, family_models, name):
+def test_family_trains_and_stock_lora_loader_reproduces_it(comfy, comfy_base, family_models, name,
+                                                           record_property):
     fam = BY_NAME[name]
     run, lora_name = f"matrix_{name}", f"branchgrpo/matrix_{name}"
     log0 = _log_size(comfy)
@@ -196,6 +203,14 @@ def test_family_trains_and_stock_lora_loader_reproduces_it(comfy, comfy_base, fa
     assert all(m["metrics"]["reward_mean"] is not None for m in metrics)
     assert metrics[-1]["tree"]["widths"] == [1, 2, 2]
     assert "Traceback" not in _log_since(comfy, log0)
+    # the memory prediction: available (the budget is checked), or said on the node
+    text = " ".join(str(t) for t in (entry["outputs"].get("trainer") or {}).get("text", []))
+    available = "predicted memory: peak" in text
+    record_property("memory_prediction", "available" if available else "unavailable")
+    print(f"{name}: memory prediction {'available' if available else 'unavailable'}")
+    assert available or "the memory prediction is unavailable" in text, text[-1500:]
+    if name in MOST_USED:
+        assert available, f"{name}: the memory prediction is unavailable: {text[-1500:]}"
 
     path = comfy_base / "models" / "loras" / f"{lora_name}.safetensors"
     sd = load_file(str(path))
