@@ -142,6 +142,17 @@ def summary(args) -> int:
             lines.append(f"{name} {run['preset']} {run['weight_dtype']}: {run['seconds_per_iteration']} s/it, peak "
                          f"measured {run['peak_bytes_measured'] / gib:.2f} GiB, predicted "
                          f"{run['peak_bytes_predicted'] / gib:.2f} GiB ({run['prediction_error']:+.1%})")
+            for phase, t in (run.get("transients") or {}).items():
+                meas = t["measured"][-1] if t["measured"] else None
+                if meas is not None:
+                    lines.append(f"    {phase}: transient predicted {t['predicted'] / gib:.2f} GiB, measured "
+                                 f"{meas / gib:.2f} GiB" + (f" ({t['error'][-1]:+.1%})" if t["error"][-1] is not None
+                                                            else ""))
+            for r_i, rnd in enumerate((run.get("instrument") or {}).get("rounds") or []):
+                for phase, v in rnd.items():
+                    if "free_before" in v:
+                        lines.append(f"    iteration {r_i + 1} {phase}: free {v['free_before'] / gib:.2f} -> "
+                                     f"{v['free_after'] / gib:.2f} GiB, reserved {v['reserved'] / gib:.2f} GiB")
             for phase, v in ((run.get("measured") or {}).get("phases") or {}).items():
                 if isinstance(v, dict) and "allocated" in v:
                     lines.append(f"    {phase}: allocated {v['allocated'] / gib:.2f} GiB, reserved "
