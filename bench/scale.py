@@ -178,7 +178,7 @@ def run_one(family: str, args, preset_name: str, device: torch.device, cm, mprob
     t0 = time.perf_counter()
     predicted = mprobe.predict_memory(mp, latent, cfg, lora_cfg, checkpointing=use_gc, num_prompts=len(prompts),
                                       text_tokens=args.text_tokens, guidance=guidance, vae=decoder,
-                                      device=device.type)
+                                      device=device.type, rewards=[reward])
     t_predict = time.perf_counter() - t0
 
     # ---- the run
@@ -329,15 +329,18 @@ PHASES = ("rollout", "decode", "reward", "update", "metrics")
 
 
 def compare_transients(predicted, rounds: list[dict]) -> dict:
-    """Per phase: the predicted transient (the phase's peak less its resident terms) against the measured one
-    (the instrument's peak less the phase's baseline) of each iteration, and their relative error
-    ``(predicted - measured) / measured``."""
+    """Per phase: the predicted transient (the phase's peak less its resident terms, less what an earlier phase
+    left alive for it: the reward's decoded leaves) against the measured one (the instrument's peak less the
+    phase's baseline) of each iteration, and their relative error ``(predicted - measured) / measured``."""
     pred = predicted.to_dict()["phases"]
+    # the decoded leaves are made in the decode and still alive when the reward starts: in the instrument's
+    # baseline of the reward phase, and in the prediction's transient of both phases
+    carried = {"reward": int(predicted.details["vae"]["image_bytes_per_leaf"]) * int(predicted.details["tree"]["leaves"])}
     out = {}
     for name in PHASES:
         if name not in pred:
             continue
-        p = int(pred[name].get("transient", 0))
+        p = int(pred[name].get("transient", 0)) - carried.get(name, 0)
         measured = [int(r[name]["transient"]) for r in rounds if name in r]
         out[name] = {"predicted": p, "measured": measured,
                      "error": [(p - m) / m if m > 0 else None for m in measured]}

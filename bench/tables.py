@@ -11,6 +11,7 @@ memory-fits        bench/memory_table.json       the same
 memory-check       bench/transients.json         ``python -m bench.scale --transients ... --out ...`` (the command
                                                  is in the file's ``shape``)
 transients-table   bench/transients.json         the same
+transients-256     bench/transients_256.json     the same at 256 px and 64 text tokens (FLUX.1-dev)
 demo               bench/demo_summary.json       ``python scripts/run_demo.py --summary bench/demo_summary.json``
 =================  ============================  ==================================================================
 """
@@ -25,7 +26,8 @@ NAMES = {"flux-dev": "FLUX.1-dev", "sd35-large": "SD3.5 Large", "sd35-medium": "
          "wan21-14b": "Wan 2.1 14B", "wan21-1.3b": "Wan 2.1 1.3B"}
 SOURCES = {"memory-table": "bench/memory_table.json", "memory-fits": "bench/memory_table.json",
            "memory-check": "bench/transients.json",
-           "transients-table": "bench/transients.json", "demo": "bench/demo_summary.json"}
+           "transients-table": "bench/transients.json", "transients-256": "bench/transients_256.json",
+           "demo": "bench/demo_summary.json"}
 
 
 def load(name: str, root: Path = ROOT) -> dict:
@@ -135,7 +137,7 @@ def render(name: str, root: Path = ROOT) -> str:
         return memory_fits(load(name, root)["table"])
     if name == "memory-check":
         return memory_check(load(name, root)["transients"], load("memory-table", root)["table"])
-    if name == "transients-table":
+    if name in ("transients-table", "transients-256"):
         return transients_table(load(name, root)["transients"])
     if name == "demo":
         return demo(load(name, root))

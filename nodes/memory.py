@@ -474,7 +474,23 @@ def vae_probe(vae, latent_shape: Sequence[int], batch: int, kernel_device: str |
         with live:
             img = fsm.decode(z)
         per_leaf = img.numel() * 4 // batch
-    return {"weights": weights, "decode_chunk": live.peak, "image_bytes_per_leaf": per_leaf, "batch": batch}
+    return {"weights": weights, "decode_chunk": live.peak, "image_bytes_per_leaf": per_leaf, "batch": batch,
+            "image_shape": list(img.shape[1:])}
+
+
+def reward_probe(reward, image_shape: Sequence[int], batch: int, kernel_device: str | None = None) -> int:
+    """Transient bytes of scoring one chunk of ``batch`` decoded leaves (fake images of ``image_shape``, the
+    reward's real weights, no gradients), or 0 for a reward that cannot be traced on fake tensors."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with torch.inference_mode(False), mode, torch.no_grad():
+            images = torch.rand(batch, *image_shape)
+            live = LiveTensors(kernel_device)
+            with live:
+                reward(images, ["a probe"] * batch)
+        return int(live.peak)
+    except Exception:  # noqa: BLE001 - a scorer that needs values (tokenizers, PIL, .item())
+        return 0
 
 
 def reward_weight_bytes(rewards: Iterable[Any]) -> int:
@@ -507,13 +523,14 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
                    vae=None, vae_sizes: dict | None = None, decode_batch: int | None = None,
                    reward_weights: int = 0, reward_chunk: int = 0, conditioning: list | None = None,
                    algorithm: str = "LoRA", train_bias_norm: bool = False, existing=None,
-                   device: str | None = None, cfg: float = 1.0, reward_batch: int = 0) -> RunMemory:
+                   device: str | None = None, cfg: float = 1.0, reward_batch: int = 0,
+                   rewards: Sequence[Any] = ()) -> RunMemory:
     """The peak of a training run with ``config`` (a :class:`~branchgrpo.trainer.TrainerConfig`), per phase.
 
     ``vae``: probed for its decode (``vae_sizes`` instead gives the sizes: ``weights``, ``decode_chunk``,
     ``image_bytes_per_leaf``); ``reward_weights`` / ``reward_chunk``: the reward models' bytes and one chunk's
-    scoring transient (not probed; with ``reward_batch``, the leaves of one chunk on the device and resized,
-    :data:`RESIZED_BYTES`). ``cfg`` > 1: true CFG, every model call runs the prompts' and the negative's rows
+    scoring transient (``rewards``: each scorer probed on fake images of one chunk, :func:`reward_probe`; for a
+    reward model at least the chunk's leaves on the device and resized, :data:`RESIZED_BYTES`). ``cfg`` > 1: true CFG, every model call runs the prompts' and the negative's rows
     together (ComfyUI's ``calc_cond_batch``), twice the rows of each probe."""
     dm = model_patcher.model.diffusion_model
     rows = 2 if cfg > 1.0 else 1
@@ -534,8 +551,12 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
     vae_sizes = vae_sizes or {"weights": 0, "decode_chunk": 0, "image_bytes_per_leaf": 0}
     weights = module_bytes(dm)
     n_lora = lora_param_count(dm, lora_cfg, algorithm, train_bias_norm, existing)
-    if reward_weights and reward_batch and not reward_chunk:
-        reward_chunk = min(reward_batch, tree["leaves"]) * (vae_sizes["image_bytes_per_leaf"] + RESIZED_BYTES)
+    if not reward_chunk:
+        chunk = min(int(reward_batch or config.max_batch), tree["leaves"])
+        shape = vae_sizes.get("image_shape")
+        probed = max([reward_probe(r, shape, chunk, device) for r in rewards] or [0]) if shape else 0
+        estimate = chunk * (vae_sizes["image_bytes_per_leaf"] + RESIZED_BYTES) if reward_weights else 0
+        reward_chunk = max(probed, estimate)
     run = plan_run(weights=sum(weights.values()), lora_params=n_lora,
                    conditioning=conditioning_bytes(dm, text_tokens, num_prompts), tree=tree,
                    rollout_call=probes["rollout_call"], update_chunk=probes["update_chunk"],
@@ -608,7 +629,7 @@ def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoR
                          reward_weights=reward_weight_bytes(rewards),
                          conditioning=conditioning, algorithm=algorithm,
                          train_bias_norm=train_bias_norm, existing=existing, device=kernel_device, cfg=cfg,
-                         reward_batch=reward_batch)
+                         reward_batch=reward_batch, rewards=rewards)
     reserved = vae_bytes_per_leaf(vae, latent_shape) * int(run.details["decode_batch"]) if vae is not None else 0
     decode = run.phase("decode")
     images = run.details["vae"]["image_bytes_per_leaf"] * run.details["tree"]["leaves"]
@@ -732,4 +753,4 @@ __all__ = ["MemoryPlan", "plan", "weight_bytes", "release", "is_loaded", "patche
            "SamplingCall", "budget_message", "reward_weight_bytes", "lora_param_count", "text_dims",
            "conditioning_bytes", "probe_depths", "set_weights", "TEXT_TOKENS", "plan_memory", "RunPlan", "out_of_memory_message",
            "free_cache", "PHASE_ADVICE", "CUDA_RESERVE", "DEFAULT_MARGIN", "reserve_bytes", "required_bytes",
-           "linear_cast_bytes", "RESIZED_BYTES"]
+           "linear_cast_bytes", "RESIZED_BYTES", "reward_probe"]
