@@ -479,8 +479,8 @@ def vae_probe(vae, latent_shape: Sequence[int], batch: int, kernel_device: str |
 
 
 def reward_probe(reward, image_shape: Sequence[int], batch: int, kernel_device: str | None = None) -> int:
-    """Transient bytes of scoring one chunk of ``batch`` decoded leaves (fake images of ``image_shape``, the
-    reward's real weights, no gradients), or 0 for a reward that cannot be traced on fake tensors."""
+    """Transient bytes of scoring one chunk of ``batch`` decoded leaves (fake images of ``image_shape``, no
+    gradients) with a weight-free ``reward``, or 0 for one that cannot be traced on fake tensors."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         with torch.inference_mode(False), mode, torch.no_grad():
@@ -529,8 +529,8 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
 
     ``vae``: probed for its decode (``vae_sizes`` instead gives the sizes: ``weights``, ``decode_chunk``,
     ``image_bytes_per_leaf``); ``reward_weights`` / ``reward_chunk``: the reward models' bytes and one chunk's
-    scoring transient (``rewards``: each scorer probed on fake images of one chunk, :func:`reward_probe`; for a
-    reward model at least the chunk's leaves on the device and resized, :data:`RESIZED_BYTES`). ``cfg`` > 1: true CFG, every model call runs the prompts' and the negative's rows
+    scoring transient (``rewards``: each weight-free scorer probed on fake images of one chunk,
+    :func:`reward_probe`; for a reward model the chunk's leaves on the device and resized, :data:`RESIZED_BYTES`). ``cfg`` > 1: true CFG, every model call runs the prompts' and the negative's rows
     together (ComfyUI's ``calc_cond_batch``), twice the rows of each probe."""
     dm = model_patcher.model.diffusion_model
     rows = 2 if cfg > 1.0 else 1
@@ -554,7 +554,10 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
     if not reward_chunk:
         chunk = min(int(reward_batch or config.max_batch), tree["leaves"])
         shape = vae_sizes.get("image_shape")
-        probed = max([reward_probe(r, shape, chunk, device) for r in rewards] or [0]) if shape else 0
+        # only weight-free scorers are probed: a reward model's call loads its weights through model management,
+        # which must not run under fake tensors (its real weights would be swapped for fakes)
+        probed = max([reward_probe(r, shape, chunk, device) for r in rewards if not reward_weight_bytes([r])]
+                     or [0]) if shape else 0
         estimate = chunk * (vae_sizes["image_bytes_per_leaf"] + RESIZED_BYTES) if reward_weights else 0
         reward_chunk = max(probed, estimate)
     run = plan_run(weights=sum(weights.values()), lora_params=n_lora,
