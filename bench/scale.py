@@ -335,7 +335,7 @@ def compare_transients(predicted, rounds: list[dict]) -> dict:
     pred = predicted.to_dict()["phases"]
     # the decoded leaves are made in the decode and still alive when the reward starts: in the instrument's
     # baseline of the reward phase, and in the prediction's transient of both phases
-    carried = {"reward": int(predicted.details["vae"]["image_bytes_per_leaf"]) * int(predicted.details["tree"]["leaves"])}
+    carried = {"reward": int(predicted.details["images"])}
     out = {}
     for name in PHASES:
         if name not in pred:

@@ -560,16 +560,17 @@ def predict_memory(model_patcher, latent_shape: Sequence[int], config: Any, lora
                      or [0]) if shape else 0
         estimate = chunk * (vae_sizes["image_bytes_per_leaf"] + RESIZED_BYTES) if reward_weights else 0
         reward_chunk = max(probed, estimate)
+    images = vae_sizes["image_bytes_per_leaf"] * tree["leaves"]  # every decoded leaf, alive from decode to reward
     run = plan_run(weights=sum(weights.values()), lora_params=n_lora,
                    conditioning=conditioning_bytes(dm, text_tokens, num_prompts), tree=tree,
                    rollout_call=probes["rollout_call"], update_chunk=probes["update_chunk"],
                    metrics_call=probes["metrics_call"], vae_weights=vae_sizes["weights"],
                    decode_chunk=vae_sizes["decode_chunk"], reward_weights=reward_weights, reward_chunk=reward_chunk,
-                   images=vae_sizes["image_bytes_per_leaf"] * tree["leaves"])
+                   images=images)
     run.details.update(weights_by_dtype=weights, lora_params=n_lora, tree=tree, rollout_batch=rollout_batch,
                        train_batch=train_batch, metrics_batch=metrics_batch, decode_batch=decode_batch,
                        checkpointing=checkpointing, probes=probes, vae=vae_sizes, text_tokens=text_tokens,
-                       cfg_rows=rows, reward_chunk=reward_chunk)
+                       cfg_rows=rows, reward_chunk=reward_chunk, images=images)
     return run
 
 
@@ -635,7 +636,7 @@ def predict_run_memory(model, latent_shape, config: TrainerConfig, lora_cfg: LoR
                          reward_batch=reward_batch, rewards=rewards)
     reserved = vae_bytes_per_leaf(vae, latent_shape) * int(run.details["decode_batch"]) if vae is not None else 0
     decode = run.phase("decode")
-    images = run.details["vae"]["image_bytes_per_leaf"] * run.details["tree"]["leaves"]
+    images = run.details["images"]
     if reserved + images > decode.components["transient"]:
         decode.components["transient"] = reserved + images
     run.details["vae_reserved"] = reserved
